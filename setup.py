@@ -1,0 +1,31 @@
+"""flowpre: pretrain few-step DiT flow-matching models (SCFM self-distillation)."""
+from setuptools import setup
+
+setup(
+    name="flowpre",
+    version="0.1.0",
+    description="Pretrain DiT flow-matching models that sample well in 1-8 steps",
+    python_requires=">=3.10",
+    # kernels/ lives at the top level (Triton kernels beside their references) and is
+    # installed as flowpre.kernels.
+    packages=["flowpre", "flowpre.models", "flowpre.objectives", "flowpre.data",
+              "flowpre.train", "flowpre.eval", "flowpre.kernels"],
+    package_dir={"flowpre": "flowpre", "flowpre.kernels": "kernels"},
+    package_data={"flowpre": ["configs/*.yaml", "configs/deepspeed/*.json"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "deepspeed>=0.16",
+        "webdataset>=0.2.90",
+        "safetensors>=0.4",
+        "pyyaml>=6",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn"],
+        "wandb": ["wandb"],
+    },
+    entry_points={"console_scripts": ["flowpre=flowpre.cli:main"]},
+)
