@@ -1,0 +1,112 @@
+"""The `flowpre` command: shards | train | export | sample | bench."""
+import argparse
+import sys
+
+
+def _steps(text):
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps expects comma-separated integers, got {text!r}")
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--steps expects positive integers, got {text!r}")
+    return steps
+
+
+def cmd_train(args):
+    from flowpre.config import load_config
+    from flowpre.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    train(cfg)
+
+
+def cmd_export(args):
+    from flowpre.export import export
+
+    path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint)
+    print(f"wrote {path} (step {step}, weights: {'student' if args.ema == 'none' else args.ema + ' EMA'})")
+
+
+def cmd_sample(args):
+    import torch
+
+    from flowpre.export import load_model
+    from flowpre.images import save_grid
+    from flowpre.sampling import euler_sample, seeded_noise
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, meta = load_model(args.weights, device)
+    n, C, H = args.num, model.in_channels, model.image_size
+    cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
+        else torch.full((n,), args.label, device=device)
+    if cond.max() >= model.num_classes:
+        sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
+    noise = seeded_noise((n, C, H, H), args.seed, device)
+    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, model.null_class) for s in args.steps]
+    save_grid(torch.cat(rows), args.out, ncol=n)
+    print(f"wrote {args.out}: one row per step count {args.steps}, {n} samples each (seed {args.seed})")
+
+
+def cmd_shards(args):
+    from flowpre.data import shards
+
+    shards.run(args)
+
+
+def cmd_bench(args):
+    from flowpre.kernels import bench
+
+    bench.main(["--out", args.out] + (["--quick"] if args.quick else []))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="flowpre", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (one process, or one rank per process under a launcher)")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a run's weights to one safetensors file")
+    p.add_argument("--run", required=True, help="run folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ema", default="slow", choices=["slow", "fast", "none"])
+    p.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the latest complete one)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("sample", help="sample a grid from exported weights")
+    p.add_argument("--weights", required=True)
+    p.add_argument("--steps", type=_steps, default=[1, 4, 32])
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, default=10, help="samples per step count")
+    p.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
+    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("shards", help="write webdataset shards from a built-in source or a folder")
+    from flowpre.data import shards
+    shards.add_arguments(p)
+    p.set_defaults(func=cmd_shards)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=["kernels"])
+    p.add_argument("--out", default="benchmarks/results/kernels.json")
+    p.add_argument("--quick", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    from flowpre.config import ConfigError
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Typed configuration: dataclasses, YAML files, dotted overrides, strict validation.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.max_steps=50", "sample.steps=[1,4]"])
+
+Every key is declared below with its type and, where it has one, its range. A key
+that is not declared, a value of the wrong type, or a value out of range raises
+ConfigError naming the key and where it came from (the file or the command line).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and its source."""
+
+
+def _range(lo=None, hi=None, choices=None):
+    return {"lo": lo, "hi": hi, "choices": choices}
+
+
+def _f(default, lo=None, hi=None, choices=None):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=_range(lo, hi, choices))
+    return field(default=default, metadata=_range(lo, hi, choices))
+
+
+@dataclass
+class RunConfig:
+    dir: str = _f("runs/default")
+    name: str = _f("")  # defaults to the folder name
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("DiT-S/4")  # a key of flowpre.models.dit.DIT_SIZES
+    # 0 = read from the shards' dataset.json (channels, size, classes)
+    in_channels: int = _f(0, lo=0)
+    image_size: int = _f(0, lo=0)
+    num_classes: int = _f(0, lo=0)
+    kernels: str = _f("auto", choices=("auto", "triton", "torch"))
+    init: str = _f("")  # start the student (and EMAs) from an exported .safetensors
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = _f("fm", choices=("fm", "scfm", "shortcut"))
+    cond_drop_prob: float = _f(0.1, lo=0.0, hi=1.0)
+    sigma_sampler: str = _f("logit_normal", choices=("uniform", "logit_normal"))
+    logit_mean: float = _f(0.0)
+    logit_std: float = _f(1.0, lo=0.0)
+    sigma_shift: float = _f(1.0, lo=1e-3)
+
+
+@dataclass
+class DataConfig:
+    shards: str = _f("data/fashion-mnist/train-{000000..000011}.tar")
+    num_workers: int = _f(2, lo=0)
+    hflip: bool = _f(True)
+    shuffle_buffer: int = _f(2000, lo=0)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(1000, lo=1)
+    batch_size: int = _f(64, lo=1)  # global: micro batch x grad accumulation x ranks
+    grad_accum: int = _f(1, lo=1)
+    lr: float = _f(1e-4, lo=0.0)
+    weight_decay: float = _f(0.0, lo=0.0)
+    betas: list = _f([0.9, 0.999])
+    warmup_steps: int = _f(0, lo=0)
+    grad_clip: float = _f(1.0, lo=0.0)  # 0 = off
+    precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
+    seed: int = _f(0, lo=0)
+    checkpoint_every: int = _f(500, lo=0)  # 0 = only at the end
+    keep_checkpoints: int = _f(2, lo=1)
+    resume: str = _f("none")  # none | auto | path to a checkpoint folder
+    log_every: int = _f(10, lo=1)
+    compile: bool = _f(False)
+
+
+@dataclass
+class EmaConfig:
+    fast_decay: float = _f(0.99, lo=0.0, hi=1.0)
+    slow_decay: float = _f(0.999, lo=0.0, hi=1.0)
+    restart_every: int = _f(0, lo=0)  # copy the student into both EMAs every K steps; 0 = never
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = _f(2, lo=0, hi=3)
+    template: str = _f("")  # JSON file; default configs/deepspeed/zero{stage}.json
+
+
+@dataclass
+class SampleConfig:
+    every: int = _f(500, lo=0)  # 0 = only at the end
+    steps: list = _f([1, 4, 32])
+    shift: float = _f(1.0, lo=1e-3)
+    cfg_scale: float = _f(1.0, lo=0.0)
+    num_images: int = _f(40, lo=1)
+    seed: int = _f(0, lo=0)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = _f("off", choices=("off", "offline", "online"))
+    project: str = _f("flowpre")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --- loading -------------------------------------------------------------------------
+
+def _fields(cls):
+    hints = typing.get_type_hints(cls)
+    return {f.name: (f, hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+def _coerce(value, typ, key, source):
+    """Check (and gently convert) one value; ints are accepted where floats are."""
+    def bad(why):
+        return ConfigError(f"{source}: key '{key}': {why} (got {value!r})")
+
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("expected true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad("expected an integer")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad("expected a number")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return "none"
+        raise bad("expected a string")
+    if typ is list:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise bad("expected a list of numbers")
+    raise bad(f"unsupported type {typ}")
+
+
+def _check_range(value, meta, key, source):
+    lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if choices is not None and v not in choices:
+            raise ConfigError(f"{source}: key '{key}': must be one of {list(choices)} (got {v!r})")
+        if lo is not None and v < lo:
+            raise ConfigError(f"{source}: key '{key}': must be >= {lo} (got {v!r})")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{source}: key '{key}': must be <= {hi} (got {v!r})")
+
+
+def _set(cfg: Config, key: str, value, source: str):
+    parts = key.split(".")
+    node = cfg
+    for depth, part in enumerate(parts):
+        known = _fields(type(node))
+        if part not in known:
+            prefix = ".".join(parts[:depth])
+            names = [f"{prefix}.{n}" if prefix else n for n in known]
+            hint = difflib.get_close_matches(key, names, n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"{source}: unknown key '{key}'{did_you_mean}")
+        f, typ = known[part]
+        if depth == len(parts) - 1:
+            if dataclasses.is_dataclass(typ):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: key '{key}': expected a section (mapping)")
+                for sub, v in value.items():
+                    _set(cfg, f"{key}.{sub}", v, source)
+                return
+            value = _coerce(value, typ, key, source)
+            _check_range(value, f.metadata, key, source)
+            setattr(node, part, value)
+            return
+        if not dataclasses.is_dataclass(typ):
+            raise ConfigError(f"{source}: key '{key}': '{'.'.join(parts[:depth + 1])}' is not a section")
+        node = getattr(node, part)
+
+
+def _validate_together(cfg: Config, source: str):
+    """Constraints between keys."""
+    if len(cfg.train.betas) != 2:
+        raise ConfigError(f"{source}: key 'train.betas': expected two numbers")
+    if not cfg.sample.steps or any(int(s) != s or s < 1 for s in cfg.sample.steps):
+        raise ConfigError(f"{source}: key 'sample.steps': expected a list of positive integers")
+    cfg.sample.steps = [int(s) for s in cfg.sample.steps]
+    if cfg.train.batch_size % cfg.train.grad_accum:
+        raise ConfigError(f"{source}: key 'train.batch_size': {cfg.train.batch_size} is not divisible by "
+                          f"train.grad_accum={cfg.train.grad_accum}")
+
+
+def load_config(path=None, overrides=()) -> Config:
+    """Defaults, then the YAML file, then each `key=value` override (value parsed as YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        for key, value in data.items():
+            _set(cfg, key, value, str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command line: override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", "command line")
+    _validate_together(cfg, str(path) if path else "command line")
+    if not cfg.run.name:
+        cfg.run.name = Path(cfg.run.dir).name
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path):
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,146 @@
+"""Write an image source into webdataset tar shards (`flowpre shards`).
+
+Layout of ``out_dir``::
+
+    train-000000.tar  train-000001.tar ...  test-000000.tar ...  dataset.json
+
+Each sample in a shard: key ``{index:08d}`` (index within the split), ``png``
+(lossless PNG), ``cls`` (class id as text), ``json`` (class_name, source, index,
+split and whatever the source adds). Shards are written to a ``.tmp`` name and
+renamed when complete, so a crash never leaves a half shard under a final name.
+``dataset.json`` describes the images and lists, per split, the count and shards;
+writing another split into the same directory adds to it.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from .sources import Source, open_source
+
+DATASET_JSON = "dataset.json"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    mode = {1: "L", 3: "RGB"}[image.shape[2]]
+    buf = io.BytesIO()
+    Image.fromarray(image[:, :, 0] if mode == "L" else image, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int | None) -> tuple[list[str], int]:
+    """Write one split; returns (shard file names, sample count). Samples the source skips
+    (unreadable files) are left out of the numbering, so indices stay dense."""
+    names: list[str] = []
+    writer, tmp, count = None, None, 0
+
+    def finish():
+        writer.close()
+        os.replace(tmp, out / names[-1])
+
+    try:
+        for index, (image, cls, meta) in enumerate(islice(src.samples(split), limit)):
+            if index % shard_size == 0:
+                if writer is not None:
+                    finish()
+                names.append(f"{split}-{len(names):06d}.tar")
+                tmp = out / (names[-1] + ".tmp")
+                # A fixed mtime makes the same data give byte-identical shards.
+                writer = wds.TarWriter(str(tmp), mtime=0)
+            meta = {"class_name": src.info.class_names[cls], "source": src.info.name,
+                    "index": index, "split": split, **meta}
+            writer.write({"__key__": f"{index:08d}", "png": encode_png(image),
+                          "cls": str(cls), "json": meta})
+            count += 1
+        if writer is not None:
+            finish()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        raise
+    # Shards of an earlier, larger run of this split would otherwise be picked up by a
+    # directory glob at read time.
+    for stale in out.glob(f"{split}-*.tar"):
+        if stale.name not in names:
+            stale.unlink()
+    return names, count
+
+
+def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "train",
+                 image_size: int | None = None, limit: int | None = None) -> list[str]:
+    """Write `source` ("fashion-mnist", "digits", "folder:PATH") as shards in `out_dir`.
+
+    split: "train", "test" or "all" (every split the source has). limit: at most that many
+    samples per split. Returns the paths of the shards written, in order.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    src = open_source(source, image_size)
+    splits = list(src.info.splits) if split == "all" else [split]
+    for s in splits:
+        if s not in src.info.splits:
+            raise ValueError(f"source {source!r} has no split {s!r} (it has: {', '.join(src.info.splits)})")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    meta_path = out / DATASET_JSON
+    info = src.info.to_dict()
+    info.pop("splits")
+    meta = {**info, "splits": {}}
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if any(old.get(k) != v for k, v in info.items()):
+            raise ValueError(f"{out} already holds shards of another dataset ({old.get('name')!r}, "
+                             f"{old.get('channels')}x{old.get('height')}x{old.get('width')}); "
+                             "use another --out directory")
+        meta["splits"] = old.get("splits", {})
+
+    paths = []
+    for s in splits:
+        names, count = _write_split(src, out, s, shard_size, limit)
+        meta["splits"][s] = {"count": count, "skipped": getattr(src, "skipped", 0), "shards": names}
+        paths += [str(out / n) for n in names]
+        _write_json_atomic(meta_path, meta)
+    return paths
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True,
+                        help="fashion-mnist | digits | folder:PATH (class subfolders)")
+    parser.add_argument("--out", required=True, help="output directory for the shards and dataset.json")
+    parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
+    parser.add_argument("--split", default="train", choices=["train", "test", "all"])
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="folder sources: resize the shorter side to S and center-crop SxS")
+    parser.add_argument("--limit", type=int, default=None, help="at most N samples per split")
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
+                         image_size=args.image_size, limit=args.limit)
+    meta = json.loads((Path(args.out) / DATASET_JSON).read_text())
+    written = {Path(p).name for p in paths}
+    for s, entry in meta["splits"].items():
+        if written & set(entry["shards"]):
+            print(f"{s}: {entry['count']} samples in {len(entry['shards'])} shards -> {args.out} "
+                  f"({meta['name']}, {meta['channels']}x{meta['height']}x{meta['width']}, "
+                  f"{meta['num_classes']} classes"
+                  + (f", {entry['skipped']} unreadable files skipped)" if entry.get("skipped") else ")"))
+    return 0

@@ -1,0 +1,219 @@
+"""Diffusion Transformer (DiT) with adaLN-Zero conditioning, predicting flow velocity.
+
+Read top to bottom: embedders, the block, the final layer, the model, the size registry.
+The model sees (x_sigma, sigma, class id) and nothing else; sigma in [0, 1] is scaled
+by 1000 for the sinusoidal embedder (the range its frequencies were designed for).
+
+Every LayerNorm + modulate, residual gate and attention call goes through
+flowpre.kernels so that one switch (`kernels`: auto | triton | torch) picks the fused
+Triton kernels or their PyTorch references for the whole network.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from flowpre import kernels as K
+
+# --- embedders ---------------------------------------------------------------------
+
+
+class TimestepEmbedder(nn.Module):
+    """sigma (B,) -> (B, hidden): sinusoidal features of 1000*sigma, then an MLP."""
+
+    def __init__(self, hidden, freq_dim=256, scale=1000.0):
+        super().__init__()
+        self.freq_dim, self.scale = freq_dim, scale
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, sigma):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = self.scale * sigma.float()[:, None] * freqs[None]  # (B, half)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """class id (B,) -> (B, hidden). Id `num_classes` is the null class used for CFG."""
+
+    def __init__(self, num_classes, hidden):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, labels):
+        return self.table(labels)
+
+
+def sincos_pos_embed(hidden, grid):
+    """Fixed 2-D sin-cos position embedding, (grid*grid, hidden)."""
+    def one_axis(dim, pos):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    emb = np.concatenate([one_axis(hidden // 2, ys), one_axis(hidden // 2, xs)], axis=1)
+    return torch.from_numpy(emb).float()
+
+
+# --- transformer block ----------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+
+    def forward(self, x, backend):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
+        out = K.attention(qkv[0], qkv[1], qkv[2], backend=backend)  # (B, H, N, D)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class Mlp(nn.Module):
+    def __init__(self, hidden, ratio=4.0):
+        super().__init__()
+        inner = int(hidden * ratio)
+        self.fc1, self.act, self.fc2 = nn.Linear(hidden, inner), nn.GELU(approximate="tanh"), nn.Linear(inner, hidden)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """adaLN-Zero block: the conditioning sets shift/scale/gate of both sub-layers, and
+    the gates start at zero so every block starts as the identity."""
+
+    def __init__(self, hidden, heads, mlp_ratio=4.0):
+        super().__init__()
+        self.attn = Attention(hidden, heads)
+        self.mlp = Mlp(hidden, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c, backend):  # x (B, N, C), c (B, C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (B, C)
+        h = K.adaln_modulate(x, shift1, scale1, backend=backend)
+        # residual of the attention branch fused with the MLP branch's LayerNorm + modulate
+        x, h = K.gated_residual_adaln(x, self.attn(h, backend), gate1, shift2, scale2, backend=backend)
+        return x + gate2[:, None] * self.mlp(h)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden, patch, out_channels):
+        super().__init__()
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.linear = nn.Linear(hidden, patch * patch * out_channels)
+
+    def forward(self, x, c, backend):
+        shift, scale = self.ada(c).chunk(2, dim=1)
+        return self.linear(K.adaln_modulate(x, shift, scale, backend=backend))  # (B, N, p*p*C)
+
+
+# --- the model ------------------------------------------------------------------------
+
+
+class DiT(nn.Module):
+    def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
+                 num_classes=1000, mlp_ratio=4.0, kernels="auto"):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"image_size {image_size} is not divisible by the patch size {patch}")
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not divisible by {heads} heads")
+        self.in_channels, self.out_channels = in_channels, in_channels
+        self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
+        self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
+        self.grid = image_size // patch
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
+        self.t_embed = TimestepEmbedder(hidden)
+        self.y_embed = LabelEmbedder(num_classes, hidden)
+        self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
+        self.final = FinalLayer(hidden, patch, self.out_channels)
+        self.initialize()
+
+    @property
+    def null_class(self):
+        return self.num_classes
+
+    def initialize(self):
+        def xavier(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.apply(xavier)
+        w = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: modulation and output start at zero
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for lin in (self.final.ada[-1], self.final.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
+        B, p, g, C = x.shape[0], self.patch, self.grid, self.out_channels
+        x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(B, C, g * p, g * p)
+
+    def forward(self, x, sigma, cond):
+        """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids -> velocity (B, C, H, W)."""
+        if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
+            raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
+                             f"got {tuple(x.shape)}")
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (B, N, hidden)
+        c = self.t_embed(sigma) + self.y_embed(cond)  # (B, hidden)
+        for block in self.blocks:
+            h = block(h, c, self.kernels)
+        return self.unpatchify(self.final(h, c, self.kernels))
+
+    def forward_flops(self):
+        """Matmul FLOPs of one forward pass for one image (2 per multiply-add).
+
+        Per block and token: qkv 3h^2, proj h^2, MLP 2*r*h^2 multiply-adds; attention
+        2*N*h (scores and values). Plus patch embedding, final layer and the per-image
+        conditioning MLPs. Elementwise work is left out, as is usual for MFU.
+        """
+        N, h, r, d = self.grid ** 2, self.hidden, self.mlp_ratio, self.depth
+        per_block = N * (4 + 2 * r) * h * h + 2 * N * N * h + 6 * h * h
+        patch_io = N * h * self.patch ** 2 * (self.in_channels + self.out_channels)
+        cond = 256 * h + h * h + 2 * h * h
+        return 2 * (d * per_block + patch_io + cond)
+
+    def config(self):
+        return {"in_channels": self.in_channels, "image_size": self.image_size, "patch": self.patch,
+                "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
+                "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio}
+
+
+# --- sizes ------------------------------------------------------------------------------
+
+# (depth, hidden, heads), as in the DiT paper
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)]
+
+
+def build_dit(name, in_channels, image_size, num_classes, kernels="auto"):
+    """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
+    try:
+        size, patch = name.removeprefix("DiT-").split("/")
+        patch = int(patch)
+        if size in DIT_SIZES:
+            depth, hidden, heads = DIT_SIZES[size]
+        else:
+            depth, hidden, heads = (int(v) for v in size.split("x"))
+    except ValueError:
+        raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
+    return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels)

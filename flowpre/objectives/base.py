@@ -1,0 +1,50 @@
+"""The one signature every objective shares.
+
+    targets = objective(batch, nets, generator)
+
+batch:  {"x": (B, C, H, W) data in [-1, 1], "cond": (B,) class ids}
+nets:   Nets(student, ema_fast, ema_slow, teacher, null_class); each network is a
+        callable (x, sigma, cond, **extra) -> velocity, so tests can pass analytic fields
+returns Targets; the training loop regresses student(x, sigma, cond, **extra_inputs)
+onto target with flow_loss(weight, group) and knows nothing else about the objective.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+GROUPS = ("fm", "sc")  # group ids: 0 = flow matching, 1 = self-distillation / bootstrap
+FM, SC = 0, 1
+
+
+@dataclass
+class Nets:
+    student: Callable
+    ema_fast: Optional[Callable] = None
+    ema_slow: Optional[Callable] = None
+    teacher: Optional[Callable] = None
+    null_class: Optional[int] = None
+
+
+@dataclass
+class Targets:
+    x: torch.Tensor  # (B, C, H, W) network input
+    sigma: torch.Tensor  # (B,)
+    cond: torch.Tensor  # (B,) after label dropout
+    target: torch.Tensor  # (B, C, H, W) velocity to regress
+    weight: torch.Tensor  # (B,)
+    group: torch.Tensor  # (B,) int64, index into GROUPS
+    extra_inputs: dict = field(default_factory=dict)  # more model inputs (shortcut's step level)
+    info: dict = field(default_factory=dict)  # scalars to log, as tensors (no host sync)
+    sigma_mid: Optional[torch.Tensor] = None  # (B,) self-distillation: fine midpoint
+    sigma_next: Optional[torch.Tensor] = None  # (B,) end of the student's jump
+
+
+def drop_labels(cond, prob, null_class, generator):
+    """Replace each class id by the null class with probability `prob` (trains CFG)."""
+    if prob == 0:
+        return cond
+    if null_class is None:
+        raise ValueError("label dropout needs nets.null_class")
+    drop = torch.rand(cond.shape, device=cond.device, generator=generator) < prob
+    return torch.where(drop, torch.full_like(cond, null_class), cond)

@@ -1,0 +1,100 @@
+"""Checkpoints that are complete or absent, and resume from the latest complete one.
+
+Layout: RUN/checkpoints/step000000100/ holds DeepSpeed's files (module, optimizer and
+scheduler state, partitioned by ZeRO stage), `flowpre_shared.pt` (EMAs, step, the
+model config) and one `flowpre_rank00000.pt` per rank (that rank's RNG states and data
+position). Everything is written under a temporary name `.tmp-step...` and the folder
+is renamed only after every rank finished writing: a crash at any point leaves the
+previous checkpoint untouched and the half-written one invisible to `resume=auto`.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+
+from .distributed import barrier
+
+FINAL = re.compile(r"^step(\d{9})$")
+# Fault injection for tests: SIGKILL this process while writing the checkpoint of this step.
+KILL_ENV = "FLOWPRE_FAULT_KILL_AT_CHECKPOINT"
+
+
+def checkpoints_root(run_dir):
+    return Path(run_dir) / "checkpoints"
+
+
+def complete_checkpoints(run_dir):
+    """[(step, path)] of complete checkpoints, oldest first."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = FINAL.match(p.name)
+        if m and (p / "meta.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(resume, run_dir):
+    """`train.resume` -> a checkpoint folder or None."""
+    if resume in ("none", "", None):
+        return None
+    if resume == "auto":
+        found = complete_checkpoints(run_dir)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"train.resume: {path} is not a complete flowpre checkpoint (no meta.json)")
+    return path
+
+
+def save_checkpoint(engine, run_dir, step, shared_state, rank_state, dist, meta, keep=2):
+    root = checkpoints_root(run_dir)
+    tag = f".tmp-step{step:09d}"
+    tmp, final = root / tag, root / f"step{step:09d}"
+    if dist.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rank_state, tmp / f"flowpre_rank{dist.rank:05d}.pt")
+    if dist.is_main:
+        torch.save(shared_state, tmp / "flowpre_shared.pt")
+    if os.environ.get(KILL_ENV) == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+    barrier()
+    if dist.is_main:
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def _prune(root, keep):
+    complete = sorted(p for p in root.iterdir() if FINAL.match(p.name))
+    for old in complete[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-step*"):  # left by a crash; never complete
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_checkpoint(engine, path, dist):
+    path = Path(path)
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["world_size"] != dist.world_size:
+        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
+                           f"{dist.world_size}. Resume on the same world size (ZeRO state is partitioned).")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=False)
+    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=False)
+    return meta, shared, rank_state

@@ -1,0 +1,62 @@
+"""DeepSpeed: the flowpre config turned into a DeepSpeed config, and the engine.
+
+Parallelism and precision are applied here and nowhere else: ZeRO stage and batch
+arithmetic from the config, AdamW as the client optimizer (fp32 state), bf16 through
+autocast on CUDA with fp32 master weights (see `autocast`).
+"""
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from flowpre.config import ConfigError
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+
+
+def deepspeed_config(cfg, world_size):
+    """Fill the ZeRO template of `deepspeed.zero_stage` with consistent batch keys."""
+    path = Path(cfg.deepspeed.template) if cfg.deepspeed.template else TEMPLATES / f"zero{cfg.deepspeed.zero_stage}.json"
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.template: DeepSpeed config {path} not found")
+    ds = json.loads(path.read_text())
+    per_step = cfg.train.grad_accum * world_size
+    if cfg.train.batch_size % per_step:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum "
+                          f"({cfg.train.grad_accum}) x world size ({world_size})")
+    ds["train_batch_size"] = cfg.train.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size // per_step
+    ds["gradient_clipping"] = cfg.train.grad_clip
+    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    return ds
+
+
+def lr_lambda(warmup_steps):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_engine(cfg, model, world_size):
+    import deepspeed
+
+    ds = deepspeed_config(cfg, world_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps))
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                           lr_scheduler=scheduler, config=ds)
+    return engine, ds
+
+
+def precision(cfg, device):
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def autocast(mode, device):
+    if mode == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,156 @@
+"""The training loop: `flowpre train --config FILE [key=value ...]`.
+
+One process, or one rank per process under torchrun / the deepspeed launcher.
+The loop knows nothing about any objective: it asks the objective for targets,
+regresses the student onto them with the fused flow loss, steps the DeepSpeed engine,
+updates the fp32 EMAs, and logs / samples / checkpoints on schedule.
+"""
+import time
+from pathlib import Path
+
+import torch
+
+from flowpre import kernels as K
+from flowpre.config import save_config
+from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
+from flowpre.export import export
+from flowpre.images import save_grid
+from flowpre.models.dit import build_dit
+from flowpre.objectives import GROUPS, Nets, build
+from flowpre.sampling import euler_sample, seeded_noise
+
+from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .distributed import barrier, init_distributed
+from .ema import DualEma
+from .engine import autocast, build_engine, precision
+from .metrics import Meter, MetricsLog, peak_flops
+
+
+def build_model(cfg, dataset):
+    """The student, with shape keys left at 0 in the config filled from the dataset."""
+    m = cfg.model
+    m.in_channels = m.in_channels or dataset["channels"]
+    m.image_size = m.image_size or dataset["height"]
+    m.num_classes = m.num_classes or dataset["num_classes"]
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels)
+    if m.init:
+        from flowpre.export import load_model
+        init, _ = load_model(m.init)
+        model.load_state_dict(init.state_dict())
+    return model
+
+
+@torch.no_grad()
+def sample_grids(model, cfg, run_dir, step, device):
+    """One PNG per step count in `sample.steps`, classes cycling along each row."""
+    s = cfg.sample
+    n, C, H = s.num_images, model.in_channels, model.image_size
+    ncol = min(model.num_classes, 10) if model.num_classes <= 10 else 8
+    cond = torch.arange(n, device=device) % model.num_classes
+    noise = seeded_noise((n, C, H, H), s.seed, device)
+    paths = []
+    for steps in s.steps:
+        with autocast(precision(cfg, device), device):
+            x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, model.null_class)
+        path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_grid(x, path, ncol)
+        paths.append(path)
+    return paths
+
+
+def train(cfg):
+    dist = init_distributed()
+    device, run_dir = dist.device, Path(cfg.run.dir)
+    shards = resolve_shards(cfg.data.shards)  # fails early, naming the pattern
+    dataset = read_dataset_info(shards)
+    model = build_model(cfg, dataset).to(device)
+    ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
+    engine, ds = build_engine(cfg, model, dist.world_size)
+    zero3, micro = cfg.deepspeed.zero_stage == 3, ds["train_micro_batch_size_per_gpu"]
+    mode = precision(cfg, device)
+    generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
+
+    step, batches = 0, 0
+    ckpt = resolve_resume(cfg.train.resume, run_dir)
+    if ckpt is not None:
+        meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
+        if meta["micro_batch"] != micro:
+            raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
+                               "the data position cannot be carried over")
+        ema.load_state_dict(shared["ema"])
+        step, batches = meta["step"], rank_state["batches"]
+        generator.set_state(rank_state["generator"])
+        torch.set_rng_state(rank_state["torch_cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        print(f"flowpre: {cfg.model.name} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"{dist.world_size} rank(s), ZeRO {cfg.deepspeed.zero_stage}, {mode}, objective {cfg.objective.name}"
+              + (f", resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
+    log = MetricsLog(run_dir, dist.is_main, resume_step=step if ckpt else None)
+
+    loader = ShardLoader(shards, batch_size=micro, rank=dist.rank, world_size=dist.world_size,
+                         num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
+                         shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
+    batch_iter = iter(loader)
+    objective = build(cfg.objective)
+    nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, null_class=model.null_class)
+    flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
+    meter, start_step, t_start = Meter(device), step, time.perf_counter()
+
+    def save(step):
+        meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name}
+        rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
+                      "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        return save_checkpoint(engine, run_dir, step, {"ema": ema.state_dict(), "step": step}, rank_state,
+                               dist, meta, keep=cfg.train.keep_checkpoints)
+
+    while step < cfg.train.max_steps:
+        step += 1
+        for _ in range(cfg.train.grad_accum):
+            batch = next(batch_iter)
+            batches += 1
+            x, cond = batch["x"].to(device, non_blocking=True), batch["cond"].to(device, non_blocking=True)
+            with autocast(mode, device):
+                t = objective({"x": x, "cond": cond}, nets, generator)
+                pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
+            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.weight, t.group, len(GROUPS),
+                                             backend=cfg.model.kernels)
+            engine.backward(loss)
+            engine.step()
+            meter.add(loss, group_losses, t.group, x.shape[0])
+        ema.update(engine.module, step, zero3)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            record = {"step": step, **meter.read(dist.world_size), "lr": engine.get_lr()[0],
+                      "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count}
+            record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
+            record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
+            log.write(record)
+            if dist.is_main:
+                print(f"step {step:>7d} | loss {record['loss']:.4f} | {record['samples_per_s']:.1f} img/s"
+                      + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else ""), flush=True)
+            meter.reset()
+        if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
+            sample_grids(ema.slow, cfg, run_dir, step, device)
+        if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+            save(step)
+
+    elapsed = time.perf_counter() - t_start
+    last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
+    weights = run_dir / "model.safetensors"
+    if dist.is_main:
+        grids = sample_grids(ema.slow, cfg, run_dir, step, device)
+        export(run_dir, weights, ema="slow", checkpoint=last)
+        trained = (step - start_step) * cfg.train.batch_size
+        print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
+              f"({trained} images in {elapsed:.0f} s)\n"
+              f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
+              f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
+    barrier()
+    return run_dir

@@ -1,0 +1,303 @@
+"""Side-by-side kernel benchmarks on one CUDA device: `python -m kernels.bench --out FILE [--quick]`.
+
+Every number in a run comes from the same device and process, so the ratios are the
+result; absolute figures always travel with the device name. A kernel that fails
+records its error text in its row and the run goes on.
+
+Conventions
+- Attention: bf16, non-causal, H = 16 heads and B = 2**16 // N, so B*H*N = 2**20
+  token-heads at every N. FLOPs 4*B*H*N^2*D forward, 2.5x that backward (3.5x for
+  forward+backward). The baseline is F.scaled_dot_product_attention with the flash
+  backend forced, or PyTorch's own choice where flash refuses (recorded per row).
+- Memory-bound kernels: bf16. Bandwidth counts the minimal bytes, each input read
+  once and each output written once (R = B*N rows, s = 2 bytes):
+    adaln_modulate        fwd (2RC + 2BC) s          fwd+bwd (5RC + 5BC) s
+    gated_residual_adaln  fwd (4RC + 3BC) s          fwd+bwd (10RC + 8BC) s
+    flow_loss             fwd 2Ms                    fwd+bwd 5Ms      (M = numel)
+  Forward is timed with inputs that require grad (the training forward); fwd+bwd
+  calls torch.autograd.grad with random output grads. The same byte count divides
+  every implementation's time: eager is the PyTorch reference, compiled is
+  torch.compile(reference, dynamic=False).
+- Reported against the HBM peak of the device (table below) and against a
+  device-to-device copy measured in the same run.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from .adaln import adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
+from .attention import attention
+from .loss import flow_loss, flow_loss_reference
+
+DEVICE = "cuda"  # a module constant so a dry run of the row logic can point it elsewhere
+NO_GPU = "flowpre bench kernels needs a CUDA GPU; nothing measured"
+# bytes/s, matched against the device name in order (the PCIe and NVL parts differ)
+HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
+
+ATTN_FULL = [(n, d) for n in (256, 1024, 4096) for d in (64, 72, 128)]
+ATTN_QUICK = [(1024, 72), (4096, 128)]
+ADALN_FULL = [(64, 256, 1152), (32, 1024, 1152), (256, 256, 768), (256, 64, 384), (128, 256, 1024)]
+ADALN_QUICK = [(32, 1024, 1152)]
+LOSS_FULL = [(256, 4, 32, 32), (256, 4, 64, 64), (64, 16, 128, 128)]
+LOSS_QUICK = [(256, 4, 64, 64)]
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _hbm_peak(name):
+    for key, peak in HBM_PEAK.items():
+        if key in name:
+            return peak
+    return None
+
+
+def _err(e):
+    return f"{type(e).__name__}: {e}"[:800]
+
+
+class _Timer:
+    def __init__(self, quick):
+        import triton.testing
+        self._do_bench = triton.testing.do_bench
+        self.warmup, self.rep = (10, 40) if quick else (25, 100)
+
+    def __call__(self, fn):
+        fn()  # compile / autotune outside the timed region
+        torch.cuda.synchronize()
+        return self._do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
+
+
+def _copy_bandwidth(timer):
+    src = torch.empty(2**28, device=DEVICE, dtype=torch.float16)  # 512 MiB each way
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def _as_tuple(outs):
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def _fwd_bwd(fn, inputs, grads):
+    def run():
+        outs = _as_tuple(fn())
+        outs, gs = zip(*[(o, g) for o, g in zip(outs, grads) if g is not None])
+        return torch.autograd.grad(outs, inputs, gs)
+    return run
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _sdpa_choice(q, k, v):
+    """A callable running SDPA, flash forced where it applies, and its name."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def flash():
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    try:
+        flash().sum().backward()
+        q.grad = k.grad = v.grad = None
+        return flash, "flash"
+    except RuntimeError as e:
+        return (lambda: F.scaled_dot_product_attention(q, k, v)), f"pytorch default (flash refused: {_err(e)[:200]})"
+
+
+def _attention_rows(timer, configs):
+    rows = []
+    for n, d in configs:
+        heads, batch = 16, 2**16 // n
+        row = {"kernel": "attention", "shape": [batch, heads, n, d], "dtype": "bf16", "results": {}}
+        flops = 4 * batch * heads * n * n * d
+        try:
+            q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn_like(q)
+            sdpa, row["sdpa_backend"] = _sdpa_choice(q, k, v)
+            impls = {"triton": lambda: attention(q, k, v, backend="triton"), "sdpa": sdpa}
+            with torch.no_grad():
+                ref = sdpa().float()
+        except Exception as e:  # noqa: BLE001 - a row's failure must not end the run
+            row["error"] = _err(e)
+            rows.append(row)
+            continue
+        for name, fn in impls.items():
+            res = row["results"][name] = {}
+            try:
+                with torch.no_grad():
+                    res["max_abs_err_vs_sdpa"] = (fn().float() - ref).abs().max().item()
+                res["fwd_ms"] = timer(fn)
+                res["fwd_tflops"] = flops / (res["fwd_ms"] * 1e-3) / 1e12
+                res["fwd_bwd_ms"] = timer(_fwd_bwd(fn, (q, k, v), (do,)))
+                res["fwd_bwd_tflops"] = 3.5 * flops / (res["fwd_bwd_ms"] * 1e-3) / 1e12
+            except Exception as e:  # noqa: BLE001
+                res["error"] = _err(e)
+        t, s = row["results"].get("triton", {}), row["results"].get("sdpa", {})
+        for mode in ("fwd_ms", "fwd_bwd_ms"):
+            if mode in t and mode in s:
+                row[f"speedup_vs_sdpa_{mode[:-3]}"] = s[mode] / t[mode]
+        rows.append(row)
+        del q, k, v, do, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- memory-bound
+
+def _adaln_case(shape, gated):
+    b, n, c = shape
+    mk = lambda *s: torch.randn(*s, device=DEVICE, dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+    x, shift, scale = mk(b, n, c), mk(b, c), mk(b, c)
+    if gated:
+        y, gate = mk(b, n, c), mk(b, c)
+        inputs = (x, y, gate, shift, scale)
+        grads = (torch.randn_like(x), torch.randn_like(x))
+        impls = {"triton": lambda: gated_residual_adaln(*inputs, backend="triton"),
+                 "eager": lambda: gated_residual_adaln_reference(*inputs),
+                 "compiled": (lambda f: lambda: f(*inputs))(torch.compile(gated_residual_adaln_reference,
+                                                                          dynamic=False))}
+        fwd_bytes, bwd_bytes = (4 * b * n * c + 3 * b * c) * 2, (10 * b * n * c + 8 * b * c) * 2
+    else:
+        inputs = (x, shift, scale)
+        grads = (torch.randn_like(x),)
+        impls = {"triton": lambda: adaln_modulate(*inputs, backend="triton"),
+                 "eager": lambda: adaln_modulate_reference(*inputs),
+                 "compiled": (lambda f: lambda: f(*inputs))(torch.compile(adaln_modulate_reference, dynamic=False))}
+        fwd_bytes, bwd_bytes = (2 * b * n * c + 2 * b * c) * 2, (5 * b * n * c + 5 * b * c) * 2
+    return inputs, grads, impls, fwd_bytes, bwd_bytes
+
+
+def _loss_case(shape):
+    b = shape[0]
+    pred = torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randn(*shape, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.rand(b, device=DEVICE) + 0.5
+    groups = 8
+    group = torch.randint(0, groups, (b,), device=DEVICE)
+    impls = {"triton": lambda: flow_loss(pred, target, weight, group, groups, backend="triton"),
+             "eager": lambda: flow_loss_reference(pred, target, weight, group, groups),
+             "compiled": (lambda f: lambda: f(pred, target, weight, group, groups))(
+                 torch.compile(flow_loss_reference, dynamic=False))}
+    m = pred.numel() * 2
+    return (pred,), (torch.ones((), device=DEVICE), None), impls, 2 * m, 5 * m
+
+
+def _memory_rows(timer, kernel, shapes, make, peak, copy_bw):
+    rows = []
+    for shape in shapes:
+        torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit's eager fallback
+        row = {"kernel": kernel, "shape": list(shape), "dtype": "bf16", "results": {}}
+        try:
+            inputs, grads, impls, fwd_bytes, fb_bytes = make(shape)
+            row["bytes_fwd"], row["bytes_fwd_bwd"] = fwd_bytes, fb_bytes
+            with torch.no_grad():
+                ref = _as_tuple(impls["eager"]())
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _err(e)
+            rows.append(row)
+            continue
+        for name, fn in impls.items():
+            res = row["results"][name] = {}
+            try:
+                out = _as_tuple(fn())  # with grad on: no separate inference compile
+                res["max_abs_err_vs_eager"] = max((o.float() - r.float()).abs().max().item()
+                                                  for o, r in zip(out, ref) if o.numel() > 0)
+                for mode, nbytes, call in (("fwd", fwd_bytes, fn), ("fwd_bwd", fb_bytes, _fwd_bwd(fn, inputs, grads))):
+                    ms = timer(call)
+                    bw = nbytes / (ms * 1e-3)
+                    res[f"{mode}_ms"], res[f"{mode}_gbps"] = ms, bw / 1e9
+                    res[f"{mode}_pct_copy"] = 100 * bw / copy_bw
+                    if peak:
+                        res[f"{mode}_pct_hbm_peak"] = 100 * bw / peak
+            except Exception as e:  # noqa: BLE001
+                res["error"] = _err(e)
+        t = row["results"].get("triton", {})
+        for other in ("eager", "compiled"):
+            o = row["results"].get(other, {})
+            for mode in ("fwd", "fwd_bwd"):
+                if f"{mode}_ms" in t and f"{mode}_ms" in o:
+                    row[f"speedup_vs_{other}_{mode}"] = o[f"{mode}_ms"] / t[f"{mode}_ms"]
+        rows.append(row)
+        del inputs, grads, impls, ref
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+def _print_table(report):
+    print(f"device {report['device']}  torch {report['torch']}  triton {report['triton']}  "
+          f"commit {report['git_commit'][:12]}  copy {report['copy_gbps']:.0f} GB/s  "
+          f"HBM peak {report['hbm_peak_gbps'] or 'unknown'} GB/s")
+    for row in report["rows"]:
+        shape = "x".join(map(str, row["shape"]))
+        if "error" in row:
+            print(f"{row['kernel']:22s} {shape:18s} ERROR {row['error'][:100]}")
+            continue
+        unit, label = ("tflops", "TF/s") if row["kernel"] == "attention" else ("gbps", "GB/s")
+        for mode in ("fwd", "fwd_bwd"):
+            cells = []
+            for name, res in row["results"].items():
+                if "error" in res:
+                    cells.append(f"{name} ERROR({res['error'][:60]})")
+                elif f"{mode}_ms" in res:
+                    extra = f" {res[f'{mode}_pct_hbm_peak']:.0f}%pk" if f"{mode}_pct_hbm_peak" in res else ""
+                    cells.append(f"{name} {res[f'{mode}_ms']:.3f}ms {res[f'{mode}_{unit}']:.0f}{label}{extra}")
+            ratios = " ".join(f"{k[8:]}={v:.2f}x" for k, v in row.items()
+                              if k.startswith("speedup_") and k.endswith("_" + mode))
+            print(f"{row['kernel']:22s} {shape:18s} {mode:7s} " + " | ".join(cells) + f"  {ratios}")
+
+
+def run_benchmarks(out_path=None, quick=False):
+    """Measure every kernel against its baselines; returns the report (also written to out_path)."""
+    if not torch.cuda.is_available():
+        print(NO_GPU)
+        return {"status": "skipped", "reason": NO_GPU}
+    import triton
+
+    timer = _Timer(quick)
+    name = torch.cuda.get_device_name()
+    peak = _hbm_peak(name)
+    copy_bw = _copy_bandwidth(timer)
+    report = {"status": "ok", "device": name, "torch": torch.__version__, "triton": triton.__version__,
+              "git_commit": _git_commit(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              "quick": quick, "hbm_peak_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_bw / 1e9,
+              "conventions": __doc__.split("Conventions", 1)[1].strip(), "rows": []}
+    adaln_shapes = ADALN_QUICK if quick else ADALN_FULL
+    report["rows"] += _attention_rows(timer, ATTN_QUICK if quick else ATTN_FULL)
+    report["rows"] += _memory_rows(timer, "adaln_modulate", adaln_shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
+    report["rows"] += _memory_rows(timer, "gated_residual_adaln", adaln_shapes, lambda s: _adaln_case(s, True),
+                                   peak, copy_bw)
+    report["rows"] += _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw)
+    _print_table(report)
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=1)
+        print(f"wrote {out_path}")
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="flowpre bench kernels", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", help="write the JSON report here")
+    parser.add_argument("--quick", action="store_true", help="a reduced set, under 2 minutes with compiles")
+    args = parser.parse_args(argv)
+    run_benchmarks(args.out, args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from flowpre.config import ConfigError, load_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_required_keys_exist_with_their_names(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  max_steps: 7\n"),
+                      ["run.dir=/tmp/x", "train.batch_size=12", "train.checkpoint_every=3", "train.resume=auto",
+                       "train.seed=5", "train.lr=0.001", "deepspeed.zero_stage=3", "data.shards=a/{0..3}.tar",
+                       "data.num_workers=0", "model.name=DiT-B/4", "objective.name=fm", "sample.every=9",
+                       "sample.steps=[1,2,8]"])
+    assert (cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every) == (7, 12, 3)
+    assert (cfg.train.resume, cfg.train.seed, cfg.train.lr) == ("auto", 5, 0.001)
+    assert cfg.deepspeed.zero_stage == 3 and cfg.data.shards == "a/{0..3}.tar" and cfg.data.num_workers == 0
+    assert cfg.model.name == "DiT-B/4" and cfg.objective.name == "fm"
+    assert cfg.sample.every == 9 and cfg.sample.steps == [1, 2, 8] and cfg.run.dir == "/tmp/x"
+
+
+def test_override_beats_file(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  lr: 0.5\n"), ["train.lr=0.25"])
+    assert cfg.train.lr == 0.25
+
+
+@pytest.mark.parametrize("text,key", [
+    ("train:\n  max_step: 3\n", "train.max_step"),
+    ("trian:\n  max_steps: 3\n", "trian"),
+])
+def test_unknown_key_names_key_and_file(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert key in str(e.value) and str(path) in str(e.value)
+
+
+def test_misspelt_key_suggests_the_right_one(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'train.max_steps'"):
+        load_config(write(tmp_path, "train:\n  max_step: 3\n"))
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.max_steps=abc", "expected an integer"),
+    ("train.max_steps=0", ">= 1"),
+    ("deepspeed.zero_stage=4", "<= 3"),
+    ("objective.name=bogus", "must be one of"),
+    ("data.hflip=3", "true or false"),
+    ("sample.steps=[1,0]", "sample.steps"),
+])
+def test_bad_values_name_the_key(override, needle):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value) and needle in str(e.value) and "command line" in str(e.value)
+
+
+def test_cli_exits_nonzero_naming_key(tmp_path):
+    path = write(tmp_path, "train:\n  batch_sise: 4\n")
+    r = subprocess.run([sys.executable, "-m", "flowpre.cli", "train", "--config", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "train.batch_sise" in r.stderr and str(path) in r.stderr
