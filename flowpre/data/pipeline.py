@@ -26,8 +26,9 @@ worker drops, before decoding, the samples of its batches j < b (j % W == its id
 Exactness assumes all workers are still producing (always true in infinite mode), and
 that corrupt samples are caught by the header check: a PNG whose header parses but whose
 pixel data does not is only found at decode time, after the resume skip, and shifts the
-stream of that worker by one sample after a resume across it. Resuming re-reads (without
-decoding) the tars since the start of the run.
+stream of that worker by one sample after a resume across it. Resuming re-reads the
+tars (without decoding) only until each worker knows which samples of its shards are
+valid; from then on whole epochs are skipped unread.
 """
 from __future__ import annotations
 
@@ -192,6 +193,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epochs, self.start_batch = epochs, start_batch
         self.shape = (channels, height, width)
         self.num_classes = num_classes
+        self._valid: dict[str, np.ndarray] = {}  # shard -> which raw samples pass _problem
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -199,9 +201,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + b) % W
         state = _WorkerState(worker)
         done = max(0, (b - worker + W - 1) // W)  # batches j < b with j % W == worker
-        stream = itertools.islice(self._samples(state), done * self.batch_size, None)
         xs, ys = [], []
-        for epoch, s in stream:
+        for epoch, s in self._samples(state, skip=done * self.batch_size):
             x = self._decode(s, state)
             if x is None:
                 continue
@@ -215,8 +216,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         if xs:  # only reached in finite mode
             yield self._collate(xs, ys, state)
 
-    def _samples(self, state: _WorkerState):
-        """(epoch, raw sample) of this worker's slot, header-checked and shuffled; undecoded."""
+    def _samples(self, state: _WorkerState, skip: int):
+        """(epoch, raw sample) of this worker's slot, header-checked and shuffled, minus the
+        first `skip` (resume); undecoded."""
         W = self.workers
         slot, slots = self.rank * W + state.worker, self.world_size * W
         for epoch in (itertools.count() if self.epochs is None else range(self.epochs)):
@@ -226,48 +228,88 @@ class ShardStream(torch.utils.data.IterableDataset):
                 shards, stride = shards[slot::slots], None
             else:
                 stride = slots
+            if skip > 0:
+                # A resume far into a run would re-read every epoch since the start; once the
+                # validity of the shards' samples is known, whole epochs are skipped unread.
+                n = self._epoch_count(shards, stride, slot)
+                if n is not None and n <= skip and (n > 0 or self.epochs is not None):
+                    skip -= n
+                    continue
             rng = random.Random(_rng_seed(self.seed, epoch, self.rank, slot))
             n = 0
-            for s in _shuffled(self._read(shards, stride, slot, state), self.shuffle_buffer, rng):
+            samples = self._read(shards, stride, slot, state, record=skip > 0)
+            for s in _shuffled(samples, self.shuffle_buffer, rng):
                 n += 1
+                if skip > 0:
+                    skip -= 1
+                    continue
                 yield epoch, s
+            if skip > 0:
+                # The skip runs past a whole epoch: one pass over the shards this slot has
+                # not read yet is cheaper than meeting them epoch by epoch.
+                for url in self.shards:
+                    if url not in self._valid:
+                        self._valid[url] = np.array([("__error__" not in s and self._problem(s) is None)
+                                                     for s in _tar_samples(url)], dtype=bool)
             if n == 0 and self.epochs is None:
                 raise RuntimeError(f"rank {self.rank} worker {state.worker}: no usable samples in epoch "
                                    f"{epoch} from {len(self.shards)} shards (fewer samples than "
                                    f"ranks x workers = {slots}, or all corrupt)")
 
-    def _read(self, shards, stride, slot, state):
+    def _epoch_count(self, shards, stride, slot) -> int | None:
+        """Samples this slot yields in an epoch over `shards`, if every shard's validity is known."""
+        if any(u not in self._valid for u in shards):
+            return None
+        if stride is None:
+            return sum(int(self._valid[u].sum()) for u in shards)
+        return int(np.concatenate([self._valid[u] for u in shards])[slot::stride].sum())
+
+    def _read(self, shards, stride, slot, state, record: bool):
+        """Valid samples of this slot from `shards`; corrupt ones are counted. With `record`,
+        also notes which samples of each fully read shard are valid (for _epoch_count)."""
         index = 0  # running sample index over this epoch's shard order (few-shards split)
         for url in shards:
+            flags = [] if record and url not in self._valid else None
             for s in _tar_samples(url):
                 mine = stride is None or index % stride == slot
                 index += 1
-                if not mine:
+                if not mine and flags is None:
                     continue
                 if "__error__" in s:
-                    self._corrupt(state, s, f"unreadable tar ({s['__error__']!r}); rest of shard lost")
-                elif self._check(s, state):
+                    problem = f"unreadable tar ({s['__error__']!r}); rest of shard lost"
+                else:
+                    problem = self._problem(s)
+                if flags is not None:
+                    flags.append(problem is None)
+                if not mine:
+                    continue
+                if problem:
+                    self._corrupt(state, s, problem)
+                else:
                     yield s
+            if flags is not None:
+                self._valid[url] = np.array(flags, dtype=bool)
 
-    def _check(self, s: dict, state: _WorkerState) -> bool:
-        """Cheap validation before the shuffle: everything short of decoding the pixels."""
+    def _problem(self, s: dict) -> str | None:
+        """Cheap validation before the shuffle: everything short of decoding the pixels.
+        Returns what is wrong, or None (and s["cls"] becomes an int)."""
         if "png" not in s or "cls" not in s:
-            return self._corrupt(state, s, f"missing {'png' if 'png' not in s else 'cls'}")
+            return f"missing {'png' if 'png' not in s else 'cls'}"
         try:
             cls = int(s["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError):
-            return self._corrupt(state, s, f"bad cls {s['cls'][:20]!r}")
+            return f"bad cls {s['cls'][:20]!r}"
         if cls < 0 or (self.num_classes and cls >= self.num_classes):
-            return self._corrupt(state, s, f"cls {cls} outside 0..{self.num_classes - 1}")
+            return f"cls {cls} outside 0..{self.num_classes - 1}"
         try:
             with Image.open(io.BytesIO(s["png"])) as img:  # parses the header only
                 shape = (1 if image_mode(img) == "L" else 3, img.height, img.width)
         except Exception as e:  # PIL raises several types for garbage
-            return self._corrupt(state, s, f"undecodable png ({e})")
+            return f"undecodable png ({e})"
         if shape != self.shape:
-            return self._corrupt(state, s, f"image shape {shape} but the dataset is {self.shape}")
+            return f"image shape {shape} but the dataset is {self.shape}"
         s["cls"] = cls
-        return True
+        return None
 
     def _decode(self, s: dict, state: _WorkerState) -> np.ndarray | None:
         """PNG -> uint8 (C, H, W); grayscale stays 1 channel, RGBA/P become RGB."""

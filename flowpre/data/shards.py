@@ -133,8 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
-                         image_size=args.image_size, limit=args.limit)
+    try:
+        paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
+                             image_size=args.image_size, limit=args.limit)
+    except ValueError as e:  # bad source spec, split or sizes: a usage error, not a crash
+        raise SystemExit(f"flowpre shards: error: {e}") from None
     meta = json.loads((Path(args.out) / DATASET_JSON).read_text())
     written = {Path(p).name for p in paths}
     for s, entry in meta["splits"].items():

@@ -61,9 +61,9 @@ def sample_grids(model, cfg, run_dir, step, device):
 
 
 def train(cfg):
+    shards = resolve_shards(cfg.data.shards)  # fails early, naming the pattern
     dist = init_distributed()
     device, run_dir = dist.device, Path(cfg.run.dir)
-    shards = resolve_shards(cfg.data.shards)  # fails early, naming the pattern
     dataset = read_dataset_info(shards)
     model = build_model(cfg, dataset).to(device)
     ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)

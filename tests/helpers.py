@@ -1,0 +1,61 @@
+"""Running `flowpre` in subprocesses, as users and launchers do."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+TINY = ["model.name=DiT-2x32x2/4", "train.batch_size=8", "train.lr=0.001", "train.log_every=1",
+        "data.num_workers=0", "data.shuffle_buffer=64", "sample.num_images=4", "sample.steps=[1,2]",
+        "sample.every=0", "train.checkpoint_every=0", "ema.fast_decay=0.9", "ema.slow_decay=0.95"]
+
+
+def env(**extra):
+    e = dict(os.environ)
+    e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
+             TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                 os.path.expanduser("~/.cache/flowpre/torch_extensions")))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET"):
+        e.pop(k, None)
+    e.update(extra)
+    return e
+
+
+def flowpre(*args, timeout=600, extra_env=None, check=True):
+    r = subprocess.run([sys.executable, "-m", "flowpre.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, env=env(**(extra_env or {})))
+    if check and r.returncode != 0:
+        raise AssertionError(f"flowpre {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def train(run_dir, shards, *overrides, config=None, **kw):
+    args = ["train"] + (["--config", str(config)] if config else ["--config", str(write_empty_config(run_dir))])
+    return flowpre(*args, f"run.dir={run_dir}", f"data.shards={shards}", *(TINY if config is None else []),
+                   *overrides, **kw)
+
+
+def write_empty_config(run_dir):
+    path = Path(str(run_dir) + ".yaml")
+    path.write_text("objective:\n  name: fm\n")
+    return path
+
+
+def launch(launcher_args, run_dir, shards, *overrides, timeout=600):
+    """Two ranks under torchrun / the deepspeed launcher."""
+    cmd = launcher_args + ["-m", "flowpre.cli", "train", "--config", str(write_empty_config(run_dir)),
+                           f"run.dir={run_dir}", f"data.shards={shards}", *TINY, *overrides]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
+    return r
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(path):
+    return load_file(str(path))
