@@ -1,5 +1,6 @@
 """The `flowpre` command: shards | train | export | sample | bench."""
 import argparse
+import os
 import sys
 
 
@@ -60,7 +61,23 @@ def cmd_bench(args):
     bench.main(["--out", args.out] + (["--quick"] if args.quick else []))
 
 
+def _take_local_rank(argv):
+    """The deepspeed launcher passes --local_rank=N (before the subcommand); keep it as LOCAL_RANK."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--local_rank"):
+            value = a.split("=", 1)[1] if "=" in a else argv[i + 1]
+            i += 1 if "=" in a else 2
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def main(argv=None):
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     parser = argparse.ArgumentParser(prog="flowpre", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

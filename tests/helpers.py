@@ -45,7 +45,8 @@ def write_empty_config(run_dir):
 
 def launch(launcher_args, run_dir, shards, *overrides, timeout=600):
     """Two ranks under torchrun / the deepspeed launcher."""
-    cmd = launcher_args + ["-m", "flowpre.cli", "train", "--config", str(write_empty_config(run_dir)),
+    module_flag = "--module" if "deepspeed.launcher.runner" in launcher_args else "-m"
+    cmd = launcher_args + [module_flag, "flowpre.cli", "train", "--config", str(write_empty_config(run_dir)),
                            f"run.dir={run_dir}", f"data.shards={shards}", *TINY, *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env())
     if r.returncode != 0:
