@@ -56,6 +56,16 @@ class ObjectiveConfig:
     logit_mean: float = _f(0.0)
     logit_std: float = _f(1.0, lo=0.0)
     sigma_shift: float = _f(1.0, lo=1e-3)
+    # SCFM (objectives/scfm.py)
+    fm_fraction: float = _f(0.75, lo=0.0, hi=1.0)
+    n_max: int = _f(16, lo=2)
+    n_weighting: str = _f("uniform", choices=("uniform", "small"))
+    shift_min: float = _f(2.5, lo=1e-3)
+    shift_max: float = _f(4.5, lo=1e-3)
+    guidance_scale: float = _f(1.0, lo=0.0)  # 1 = no guidance distillation
+    teacher: str = _f("")  # distillation mode: a frozen exported .safetensors
+    teacher_fraction: float = _f(0.4, lo=0.0, hi=1.0)
+    teacher_grid: int = _f(32, lo=2)
 
 
 @dataclass

@@ -1,13 +1,16 @@
 """Training objectives, all with the signature of base.py."""
 from .base import FM, GROUPS, SC, Nets, Targets
 from .flow_matching import FlowMatching
+from .scfm import SCFM
 
 
 def build(cfg):
     """The objective named by `cfg.name` (the `objective` section of the config)."""
     if cfg.name == "fm":
         return FlowMatching(cfg)
+    if cfg.name == "scfm":
+        return SCFM(cfg)
     raise ValueError(f"objective.name: {cfg.name!r} is not implemented yet")
 
 
-__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching"]
+__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching", "SCFM"]

@@ -98,7 +98,11 @@ def train(cfg):
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
     objective = build(cfg.objective)
-    nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, null_class=model.null_class)
+    teacher = None
+    if cfg.objective.teacher:  # distillation mode: a frozen exported model
+        from flowpre.export import load_model
+        teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False)
+    nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher, null_class=model.null_class)
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device), step, time.perf_counter()
 
@@ -131,6 +135,7 @@ def train(cfg):
                       "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count}
             record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
             record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
+            record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
             log.write(record)
             if dist.is_main:
                 print(f"step {step:>7d} | loss {record['loss']:.4f} | {record['samples_per_s']:.1f} img/s"
