@@ -44,7 +44,8 @@ def cmd_sample(args):
     if cond.max() >= model.num_classes:
         sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
     noise = seeded_noise((n, C, H, H), args.seed, device)
-    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, model.null_class) for s in args.steps]
+    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, model.null_class,
+                         step_inputs=model.sampling_inputs) for s in args.steps]
     save_grid(torch.cat(rows), args.out, ncol=n)
     print(f"wrote {args.out}: one row per step count {args.steps}, {n} samples each (seed {args.seed})")
 

@@ -66,6 +66,8 @@ class ObjectiveConfig:
     teacher: str = _f("")  # distillation mode: a frozen exported .safetensors
     teacher_fraction: float = _f(0.4, lo=0.0, hi=1.0)
     teacher_grid: int = _f(32, lo=2)
+    # Shortcut Models baseline (objectives/shortcut.py)
+    bootstrap_fraction: float = _f(0.125, lo=0.0, hi=1.0)
 
 
 @dataclass

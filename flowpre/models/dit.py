@@ -120,7 +120,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
-                 num_classes=1000, mlp_ratio=4.0, kernels="auto"):
+                 num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by the patch size {patch}")
@@ -129,11 +129,14 @@ class DiT(nn.Module):
         self.in_channels, self.out_channels = in_channels, in_channels
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
+        self.step_levels = step_levels
         self.grid = image_size // patch
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.t_embed = TimestepEmbedder(hidden)
         self.y_embed = LabelEmbedder(num_classes, hidden)
+        # step-size input d = 2^-level, only for the Shortcut Models baseline
+        self.d_embed = nn.Embedding(step_levels, hidden) if step_levels else None
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
         self.final = FinalLayer(hidden, patch, self.out_channels)
@@ -153,6 +156,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        if self.d_embed is not None:
+            nn.init.normal_(self.d_embed.weight, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
         # adaLN-Zero: modulation and output start at zero
@@ -168,13 +173,19 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x, sigma, cond):
-        """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids -> velocity (B, C, H, W)."""
+    def forward(self, x, sigma, cond, step_level=None):
+        """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids -> velocity (B, C, H, W).
+
+        step_level (B,) int: d = 2^-level, for models built with step_levels > 0 only."""
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (B, N, hidden)
         c = self.t_embed(sigma) + self.y_embed(cond)  # (B, hidden)
+        if (self.d_embed is None) != (step_level is None):
+            raise ValueError("step_level must be given exactly when the model has a step-size embedder")
+        if self.d_embed is not None:
+            c = c + self.d_embed(step_level)
         for block in self.blocks:
             h = block(h, c, self.kernels)
         return self.unpatchify(self.final(h, c, self.kernels))
@@ -192,10 +203,17 @@ class DiT(nn.Module):
         cond = 256 * h + h * h + 2 * h * h
         return 2 * (d * per_block + patch_io + cond)
 
+    def sampling_inputs(self, num_steps, batch):
+        """Extra inputs for an N-step sampler: the step-size level log2(N) when the model has one."""
+        if self.d_embed is None:
+            return {}
+        level = min(max(round(math.log2(num_steps)), 0), self.step_levels - 1)
+        return {"step_level": torch.full((batch,), level, dtype=torch.long, device=self.pos_embed.device)}
+
     def config(self):
         return {"in_channels": self.in_channels, "image_size": self.image_size, "patch": self.patch,
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
-                "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio}
+                "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels}
 
 
 # --- sizes ------------------------------------------------------------------------------
@@ -205,7 +223,7 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)]
 
 
-def build_dit(name, in_channels, image_size, num_classes, kernels="auto"):
+def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0):
     """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
     try:
         size, patch = name.removeprefix("DiT-").split("/")
@@ -216,4 +234,5 @@ def build_dit(name, in_channels, image_size, num_classes, kernels="auto"):
             depth, hidden, heads = (int(v) for v in size.split("x"))
     except ValueError:
         raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
-    return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels)
+    return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels,
+               step_levels=step_levels)

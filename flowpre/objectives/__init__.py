@@ -2,6 +2,7 @@
 from .base import FM, GROUPS, SC, Nets, Targets
 from .flow_matching import FlowMatching
 from .scfm import SCFM
+from .shortcut import Shortcut
 
 
 def build(cfg):
@@ -10,7 +11,9 @@ def build(cfg):
         return FlowMatching(cfg)
     if cfg.name == "scfm":
         return SCFM(cfg)
+    if cfg.name == "shortcut":
+        return Shortcut(cfg)
     raise ValueError(f"objective.name: {cfg.name!r} is not implemented yet")
 
 
-__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching", "SCFM"]
+__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching", "SCFM", "Shortcut"]

@@ -5,7 +5,9 @@
 batch:  {"x": (B, C, H, W) data in [-1, 1], "cond": (B,) class ids}
 nets:   Nets(student, ema_fast, ema_slow, teacher, null_class); each network is a
         callable (x, sigma, cond, **extra) -> velocity, so tests can pass analytic fields
-returns Targets; the training loop regresses student(x, sigma, cond, **extra_inputs)
+Each objective also names its loss groups (`groups`, group 0 is always "fm"; names
+starting with "sc" are summed into loss_sc) and the step-size levels its DiT needs
+(`step_levels`, 0 for none). It returns Targets; the training loop regresses student(x, sigma, cond, **extra_inputs)
 onto target with flow_loss(weight, group) and knows nothing else about the objective.
 """
 from dataclasses import dataclass, field

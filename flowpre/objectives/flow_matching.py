@@ -7,7 +7,7 @@ import torch
 
 from flowpre.sampling import shift_sigma
 
-from .base import FM, Targets, drop_labels
+from .base import FM, GROUPS, Targets, drop_labels
 
 
 def sample_sigma(n, cfg, device, generator):
@@ -27,6 +27,9 @@ def noise_like(x, generator):
 
 
 class FlowMatching:
+    groups = GROUPS
+    step_levels = 0
+
     def __init__(self, cfg):
         self.cfg = cfg
 

@@ -27,7 +27,7 @@ import torch
 
 from flowpre.sampling import shift_sigma
 
-from .base import FM, SC, Targets, drop_labels
+from .base import FM, GROUPS, SC, Targets, drop_labels
 from .flow_matching import noise_like, sample_sigma
 
 
@@ -41,6 +41,9 @@ def _guided(net, x, sigma, cond, null_class, scale):
 
 
 class SCFM:
+    groups = GROUPS
+    step_levels = 0
+
     def __init__(self, cfg):
         self.cfg = cfg
         if cfg.n_max < 2 or cfg.n_max & (cfg.n_max - 1):

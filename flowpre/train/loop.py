@@ -16,7 +16,7 @@ from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
 from flowpre.export import export
 from flowpre.images import save_grid
 from flowpre.models.dit import build_dit
-from flowpre.objectives import GROUPS, Nets, build
+from flowpre.objectives import Nets, build
 from flowpre.sampling import euler_sample, seeded_noise
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -26,14 +26,14 @@ from .engine import autocast, build_engine, precision
 from .metrics import Meter, MetricsLog, peak_flops
 
 
-def build_model(cfg, dataset):
+def build_model(cfg, dataset, step_levels=0):
     """The student, with shape keys left at 0 in the config filled from the dataset."""
     m = cfg.model
     m.in_channels = m.in_channels or dataset["channels"]
     m.image_size = m.image_size or dataset["height"]
     m.num_classes = m.num_classes or dataset["num_classes"]
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels)
+    model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels)
     if m.init:
         from flowpre.export import load_model
         init, _ = load_model(m.init)
@@ -52,7 +52,8 @@ def sample_grids(model, cfg, run_dir, step, device):
     paths = []
     for steps in s.steps:
         with autocast(precision(cfg, device), device):
-            x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, model.null_class)
+            x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, model.null_class,
+                             step_inputs=model.sampling_inputs)
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(x, path, ncol)
@@ -65,7 +66,8 @@ def train(cfg):
     dist = init_distributed()
     device, run_dir = dist.device, Path(cfg.run.dir)
     dataset = read_dataset_info(shards)
-    model = build_model(cfg, dataset).to(device)
+    objective = build(cfg.objective)
+    model = build_model(cfg, dataset, objective.step_levels).to(device)
     ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
     engine, ds = build_engine(cfg, model, dist.world_size)
     zero3, micro = cfg.deepspeed.zero_stage == 3, ds["train_micro_batch_size_per_gpu"]
@@ -97,14 +99,13 @@ def train(cfg):
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
-    objective = build(cfg.objective)
     teacher = None
     if cfg.objective.teacher:  # distillation mode: a frozen exported model
         from flowpre.export import load_model
         teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False)
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher, null_class=model.null_class)
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
-    meter, start_step, t_start = Meter(device), step, time.perf_counter()
+    meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
@@ -123,7 +124,7 @@ def train(cfg):
             with autocast(mode, device):
                 t = objective({"x": x, "cond": cond}, nets, generator)
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
-            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.weight, t.group, len(GROUPS),
+            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.weight, t.group, len(objective.groups),
                                              backend=cfg.model.kernels)
             engine.backward(loss)
             engine.step()

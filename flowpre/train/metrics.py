@@ -10,8 +10,6 @@ from pathlib import Path
 
 import torch
 
-from flowpre.objectives import GROUPS
-
 from .distributed import all_reduce_sum
 
 # dense bf16 peak per GPU, FLOP/s (TARGETS.md)
@@ -48,20 +46,20 @@ class MetricsLog:
 class Meter:
     """Sums losses per group on the device; `read()` syncs once per log interval."""
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, groups):
+        self.device, self.groups = device, tuple(groups)
         self.reset()
 
     def reset(self):
         self.loss = torch.zeros((), device=self.device)
-        self.group_sum = torch.zeros(len(GROUPS), device=self.device)
-        self.group_count = torch.zeros(len(GROUPS), device=self.device)
+        self.group_sum = torch.zeros(len(self.groups), device=self.device)
+        self.group_count = torch.zeros(len(self.groups), device=self.device)
         self.micro_steps = 0
         self.samples = 0
         self.t0 = time.perf_counter()
 
     def add(self, loss, group_losses, group, batch_size):
-        counts = torch.bincount(group, minlength=len(GROUPS)).float()
+        counts = torch.bincount(group, minlength=len(self.groups)).float()
         self.loss += loss.detach()
         self.group_sum += group_losses.detach().float() * counts
         self.group_count += counts
@@ -73,10 +71,15 @@ class Meter:
         packed = all_reduce_sum(torch.cat([self.loss[None], self.group_sum, self.group_count]))
         packed = packed.tolist()
         elapsed = time.perf_counter() - self.t0
-        n = len(GROUPS)
+        n = len(self.groups)
+        sums, counts = packed[1:1 + n], packed[1 + n:]
         out = {"loss": packed[0] / max(self.micro_steps * world_size, 1)}
-        for i, g in enumerate(GROUPS):
-            count = packed[1 + n + i]
-            out[f"loss_{g}"] = packed[1 + i] / count if count > 0 else None
+        sc = [i for i, g in enumerate(self.groups) if g.startswith("sc")]
+        sc_count = sum(counts[i] for i in sc)
+        out["loss_fm"] = sums[0] / counts[0] if counts[0] > 0 else None
+        out["loss_sc"] = sum(sums[i] for i in sc) / sc_count if sc_count > 0 else None
+        for i, g in enumerate(self.groups):
+            if g not in ("fm", "sc"):
+                out[f"loss_{g}"] = sums[i] / counts[i] if counts[i] > 0 else None
         out["samples_per_s"] = self.samples * world_size / elapsed
         return out
