@@ -18,6 +18,13 @@ Conventions
   calls torch.autograd.grad with random output grads. The same byte count divides
   every implementation's time: eager is the PyTorch reference, compiled is
   torch.compile(reference, dynamic=False).
+- Memory-bound rows carry two timings. Plain (fwd, fwd_bwd): triton's do_bench,
+  wall time per call with an L2 flush before each, so the host's launch cost shows
+  whenever it exceeds the GPU time (it does for small shapes, and the autograd
+  engine's thread hand-off adds to every backward). Graph (fwd_graph,
+  fwd_bwd_graph): the same calls captured in a CUDA graph after an L2 flush each,
+  minus the flushes alone: GPU time only, the figure to hold against HBM peak.
+  flow_loss has no graph timing: its reference's bincount syncs with the host.
 - Reported against the HBM peak of the device (table below) and against a
   device-to-device copy measured in the same run.
 """
@@ -79,6 +86,39 @@ class _Timer:
         torch.cuda.synchronize()
         return self._do_bench(fn, warmup=self.warmup, rep=self.rep, return_mode="median")
 
+    def graph(self, fn, reps=20):
+        """GPU time of fn with the host's launch cost taken out: fn captured `reps` times
+        into one CUDA graph, each call after an L2 flush, minus a graph of the flushes."""
+        flush = torch.empty(2**28, device=DEVICE, dtype=torch.int8)
+
+        def captured(body):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # autograd wants its warm-up off the default stream
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(reps):
+                    body()
+            return g
+
+        def replay_ms(g):
+            times = []
+            for _ in range(5):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end))
+            return sorted(times)[2]
+
+        with_fn = replay_ms(captured(lambda: (flush.zero_(), fn())))
+        alone = replay_ms(captured(flush.zero_))
+        return max(with_fn - alone, 1e-6) / reps
+
 
 def _copy_bandwidth(timer):
     src = torch.empty(2**28, device=DEVICE, dtype=torch.float16)  # 512 MiB each way
@@ -92,10 +132,14 @@ def _as_tuple(outs):
 
 
 def _fwd_bwd(fn, inputs, grads):
+    """fn(*inputs), then the grads of the inputs that require grad. Fresh leaves each
+    call: a leaf's accumulate node takes the stream it was made on, and one made on the
+    default stream breaks CUDA graph capture on a side stream."""
     def run():
-        outs = _as_tuple(fn())
+        ins = [t.detach().requires_grad_() if t.requires_grad else t for t in inputs]
+        outs = _as_tuple(fn(*ins))
         outs, gs = zip(*[(o, g) for o, g in zip(outs, grads) if g is not None])
-        return torch.autograd.grad(outs, inputs, gs)
+        return torch.autograd.grad(outs, [t for t in ins if t.requires_grad], gs)
     return run
 
 
@@ -105,15 +149,15 @@ def _sdpa_choice(q, k, v):
     """A callable running SDPA, flash forced where it applies, and its name."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def flash():
+    def flash(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             return F.scaled_dot_product_attention(q, k, v)
     try:
-        flash().sum().backward()
+        flash(q, k, v).sum().backward()
         q.grad = k.grad = v.grad = None
         return flash, "flash"
     except RuntimeError as e:
-        return (lambda: F.scaled_dot_product_attention(q, k, v)), f"pytorch default (flash refused: {_err(e)[:200]})"
+        return F.scaled_dot_product_attention, f"pytorch default (flash refused: {_err(e)[:200]})"
 
 
 def _attention_rows(timer, configs):
@@ -127,9 +171,9 @@ def _attention_rows(timer, configs):
                        for _ in range(3))
             do = torch.randn_like(q)
             sdpa, row["sdpa_backend"] = _sdpa_choice(q, k, v)
-            impls = {"triton": lambda: attention(q, k, v, backend="triton"), "sdpa": sdpa}
+            impls = {"triton": lambda *a: attention(*a, backend="triton"), "sdpa": sdpa}
             with torch.no_grad():
-                ref = sdpa().float()
+                ref = sdpa(q, k, v).float()
         except Exception as e:  # noqa: BLE001 - a row's failure must not end the run
             row["error"] = _err(e)
             rows.append(row)
@@ -138,8 +182,8 @@ def _attention_rows(timer, configs):
             res = row["results"][name] = {}
             try:
                 with torch.no_grad():
-                    res["max_abs_err_vs_sdpa"] = (fn().float() - ref).abs().max().item()
-                res["fwd_ms"] = timer(fn)
+                    res["max_abs_err_vs_sdpa"] = (fn(q, k, v).float() - ref).abs().max().item()
+                res["fwd_ms"] = timer(lambda: fn(q, k, v))
                 res["fwd_tflops"] = flops / (res["fwd_ms"] * 1e-3) / 1e12
                 res["fwd_bwd_ms"] = timer(_fwd_bwd(fn, (q, k, v), (do,)))
                 res["fwd_bwd_tflops"] = 3.5 * flops / (res["fwd_bwd_ms"] * 1e-3) / 1e12
@@ -165,17 +209,16 @@ def _adaln_case(shape, gated):
         y, gate = mk(b, n, c), mk(b, c)
         inputs = (x, y, gate, shift, scale)
         grads = (torch.randn_like(x), torch.randn_like(x))
-        impls = {"triton": lambda: gated_residual_adaln(*inputs, backend="triton"),
-                 "eager": lambda: gated_residual_adaln_reference(*inputs),
-                 "compiled": (lambda f: lambda: f(*inputs))(torch.compile(gated_residual_adaln_reference,
-                                                                          dynamic=False))}
+        impls = {"triton": lambda *a: gated_residual_adaln(*a, backend="triton"),
+                 "eager": gated_residual_adaln_reference,
+                 "compiled": torch.compile(gated_residual_adaln_reference, dynamic=False)}
         fwd_bytes, bwd_bytes = (4 * b * n * c + 3 * b * c) * 2, (10 * b * n * c + 8 * b * c) * 2
     else:
         inputs = (x, shift, scale)
         grads = (torch.randn_like(x),)
-        impls = {"triton": lambda: adaln_modulate(*inputs, backend="triton"),
-                 "eager": lambda: adaln_modulate_reference(*inputs),
-                 "compiled": (lambda f: lambda: f(*inputs))(torch.compile(adaln_modulate_reference, dynamic=False))}
+        impls = {"triton": lambda *a: adaln_modulate(*a, backend="triton"),
+                 "eager": adaln_modulate_reference,
+                 "compiled": torch.compile(adaln_modulate_reference, dynamic=False)}
         fwd_bytes, bwd_bytes = (2 * b * n * c + 2 * b * c) * 2, (5 * b * n * c + 5 * b * c) * 2
     return inputs, grads, impls, fwd_bytes, bwd_bytes
 
@@ -187,15 +230,15 @@ def _loss_case(shape):
     weight = torch.rand(b, device=DEVICE) + 0.5
     groups = 8
     group = torch.randint(0, groups, (b,), device=DEVICE)
-    impls = {"triton": lambda: flow_loss(pred, target, weight, group, groups, backend="triton"),
-             "eager": lambda: flow_loss_reference(pred, target, weight, group, groups),
-             "compiled": (lambda f: lambda: f(pred, target, weight, group, groups))(
-                 torch.compile(flow_loss_reference, dynamic=False))}
+    compiled = torch.compile(flow_loss_reference, dynamic=False)
+    impls = {"triton": lambda p, t, w, g: flow_loss(p, t, w, g, groups, backend="triton"),
+             "eager": lambda p, t, w, g: flow_loss_reference(p, t, w, g, groups),
+             "compiled": lambda p, t, w, g: compiled(p, t, w, g, groups)}
     m = pred.numel() * 2
-    return (pred,), (torch.ones((), device=DEVICE), None), impls, 2 * m, 5 * m
+    return (pred, target, weight, group), (torch.ones((), device=DEVICE), None), impls, 2 * m, 5 * m
 
 
-def _memory_rows(timer, kernel, shapes, make, peak, copy_bw):
+def _memory_rows(timer, kernel, shapes, make, peak, copy_bw, graph=True):
     rows = []
     for shape in shapes:
         torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit's eager fallback
@@ -204,7 +247,7 @@ def _memory_rows(timer, kernel, shapes, make, peak, copy_bw):
             inputs, grads, impls, fwd_bytes, fb_bytes = make(shape)
             row["bytes_fwd"], row["bytes_fwd_bwd"] = fwd_bytes, fb_bytes
             with torch.no_grad():
-                ref = _as_tuple(impls["eager"]())
+                ref = _as_tuple(impls["eager"](*inputs))
         except Exception as e:  # noqa: BLE001
             row["error"] = _err(e)
             rows.append(row)
@@ -212,22 +255,28 @@ def _memory_rows(timer, kernel, shapes, make, peak, copy_bw):
         for name, fn in impls.items():
             res = row["results"][name] = {}
             try:
-                out = _as_tuple(fn())  # with grad on: no separate inference compile
+                out = _as_tuple(fn(*inputs))  # with grad on: no separate inference compile
                 res["max_abs_err_vs_eager"] = max((o.float() - r.float()).abs().max().item()
                                                   for o, r in zip(out, ref) if o.numel() > 0)
-                for mode, nbytes, call in (("fwd", fwd_bytes, fn), ("fwd_bwd", fb_bytes, _fwd_bwd(fn, inputs, grads))):
-                    ms = timer(call)
-                    bw = nbytes / (ms * 1e-3)
-                    res[f"{mode}_ms"], res[f"{mode}_gbps"] = ms, bw / 1e9
-                    res[f"{mode}_pct_copy"] = 100 * bw / copy_bw
-                    if peak:
-                        res[f"{mode}_pct_hbm_peak"] = 100 * bw / peak
+                calls = (("fwd", fwd_bytes, lambda: fn(*inputs)), ("fwd_bwd", fb_bytes, _fwd_bwd(fn, inputs, grads)))
+                for mode, nbytes, call in calls:
+                    for key, how in ((mode, timer), (f"{mode}_graph", timer.graph))[:2 if graph else 1]:
+                        try:
+                            ms = how(call)
+                        except Exception as e:  # noqa: BLE001 - e.g. a path that cannot be captured
+                            res[f"{key}_error"] = _err(e)
+                            continue
+                        bw = nbytes / (ms * 1e-3)
+                        res[f"{key}_ms"], res[f"{key}_gbps"] = ms, bw / 1e9
+                        res[f"{key}_pct_copy"] = 100 * bw / copy_bw
+                        if peak:
+                            res[f"{key}_pct_hbm_peak"] = 100 * bw / peak
             except Exception as e:  # noqa: BLE001
                 res["error"] = _err(e)
         t = row["results"].get("triton", {})
         for other in ("eager", "compiled"):
             o = row["results"].get(other, {})
-            for mode in ("fwd", "fwd_bwd"):
+            for mode in ("fwd", "fwd_bwd", "fwd_graph", "fwd_bwd_graph"):
                 if f"{mode}_ms" in t and f"{mode}_ms" in o:
                     row[f"speedup_vs_{other}_{mode}"] = o[f"{mode}_ms"] / t[f"{mode}_ms"]
         rows.append(row)
@@ -248,17 +297,21 @@ def _print_table(report):
             print(f"{row['kernel']:22s} {shape:18s} ERROR {row['error'][:100]}")
             continue
         unit, label = ("tflops", "TF/s") if row["kernel"] == "attention" else ("gbps", "GB/s")
-        for mode in ("fwd", "fwd_bwd"):
+        modes = ("fwd", "fwd_graph", "fwd_bwd", "fwd_bwd_graph")
+        for mode in modes:
             cells = []
             for name, res in row["results"].items():
-                if "error" in res:
-                    cells.append(f"{name} ERROR({res['error'][:60]})")
+                err = res.get("error" if mode == "fwd" else "") or res.get(f"{mode}_error")
+                if err:
+                    cells.append(f"{name} ERROR({err[:60]})")
                 elif f"{mode}_ms" in res:
                     extra = f" {res[f'{mode}_pct_hbm_peak']:.0f}%pk" if f"{mode}_pct_hbm_peak" in res else ""
                     cells.append(f"{name} {res[f'{mode}_ms']:.3f}ms {res[f'{mode}_{unit}']:.0f}{label}{extra}")
+            if not cells:
+                continue
             ratios = " ".join(f"{k[8:]}={v:.2f}x" for k, v in row.items()
                               if k.startswith("speedup_") and k.endswith("_" + mode))
-            print(f"{row['kernel']:22s} {shape:18s} {mode:7s} " + " | ".join(cells) + f"  {ratios}")
+            print(f"{row['kernel']:22s} {shape:18s} {mode:13s} " + " | ".join(cells) + f"  {ratios}")
 
 
 def run_benchmarks(out_path=None, quick=False):
@@ -276,12 +329,14 @@ def run_benchmarks(out_path=None, quick=False):
               "git_commit": _git_commit(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "quick": quick, "hbm_peak_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_bw / 1e9,
               "conventions": __doc__.split("Conventions", 1)[1].strip(), "rows": []}
-    adaln_shapes = ADALN_QUICK if quick else ADALN_FULL
+    shapes = ADALN_QUICK if quick else ADALN_FULL
     report["rows"] += _attention_rows(timer, ATTN_QUICK if quick else ATTN_FULL)
-    report["rows"] += _memory_rows(timer, "adaln_modulate", adaln_shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
-    report["rows"] += _memory_rows(timer, "gated_residual_adaln", adaln_shapes, lambda s: _adaln_case(s, True),
-                                   peak, copy_bw)
-    report["rows"] += _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw)
+    report["rows"] += _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
+    report["rows"] += _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw)
+    # no graph timing for the loss: the reference's bincount syncs with the host, which
+    # graph capture forbids (and a failed capture can poison the CUDA context)
+    report["rows"] += _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw,
+                                   graph=False)
     _print_table(report)
     if out_path:
         with open(out_path, "w") as f:
