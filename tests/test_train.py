@@ -138,3 +138,42 @@ def test_quickstart_short(tmp_path):
     flowpre("sample", "--weights", str(run / "model.safetensors"), "--steps", "1,4", "--out", str(out), "--num", "5")
     grid = Image.open(out)
     assert grid.size[0] > grid.size[1] > 28  # 2 rows of 5
+
+
+@pytest.mark.parametrize("objective", ["scfm", "shortcut"])
+def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
+    """`flowpre train --config configs/quickstart.yaml objective.name=...` runs and logs both losses."""
+    root = Path(__file__).resolve().parents[1]
+    run = tmp_path / objective
+    train(run, digits, f"objective.name={objective}", "model.name=DiT-2x48x2/4", "train.max_steps=8",
+          "train.batch_size=16", "train.log_every=4", "train.checkpoint_every=8", "sample.every=0",
+          "sample.steps=[1,2,4,32]", "sample.num_images=4", "sample.shift=3.0", "data.num_workers=0",
+          config=root / "configs" / "quickstart.yaml")
+    m = metrics(run)
+    assert all(r["loss_fm"] is not None and r["loss_sc"] is not None for r in m)
+    if objective == "shortcut":
+        assert any(r.get(f"loss_sc_l{level}") is not None for r in m for level in range(7))
+    else:
+        assert all(r["sc_grid_mean"] >= 2 for r in m)
+    for n in (1, 2, 4, 32):
+        assert (run / "samples" / f"step0000008_n{n}.png").is_file()
+    flowpre("sample", "--weights", str(run / "model.safetensors"), "--steps", "1,4", "--out", str(tmp_path / "g.png"))
+
+
+def test_fewshot_distillation_config(tmp_path, digits):
+    """configs/distill_fewshot.yaml on 10 images, teacher and init from an exported run."""
+    root = Path(__file__).resolve().parents[1]
+    teacher_run = tmp_path / "teacher"
+    train(teacher_run, digits, "train.max_steps=4")
+    ten = tmp_path / "ten"
+    write_shards("digits", ten, shard_size=10, limit=10)
+    weights_path = teacher_run / "model.safetensors"
+    run = tmp_path / "distill"
+    train(run, str(ten / "train-*.tar"), f"objective.teacher={weights_path}", f"model.init={weights_path}",
+          "train.max_steps=6", "train.batch_size=10", "train.log_every=3", "train.checkpoint_every=6",
+          "sample.every=0", "sample.num_images=4", config=root / "configs" / "distill_fewshot.yaml")
+    m = metrics(run)
+    assert all(r["loss_fm"] is None and r["loss_sc"] is not None for r in m)
+    teacher, student = weights(weights_path), weights(run / "model.safetensors")
+    assert teacher.keys() == student.keys()  # the architecture came with model.init
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)

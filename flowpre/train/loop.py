@@ -33,12 +33,13 @@ def build_model(cfg, dataset, step_levels=0):
     m.image_size = m.image_size or dataset["height"]
     m.num_classes = m.num_classes or dataset["num_classes"]
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels)
-    if m.init:
+    if m.init:  # the architecture comes with the weights; model.name is not consulted
         from flowpre.export import load_model
-        init, _ = load_model(m.init)
-        model.load_state_dict(init.state_dict())
-    return model
+        model, _ = load_model(m.init, kernels=m.kernels)
+        if model.step_levels != step_levels:
+            raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
+        return model.train()
+    return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels)
 
 
 @torch.no_grad()
