@@ -1,8 +1,8 @@
 """Flash attention: Triton forward/backward beside the PyTorch reference.
 
 Shapes: q, k, v are (B, H, N, D); the output is (B, H, N, D). Non-causal, no mask.
-Any N, any head dim D <= 256 (padded inside the kernels to BLOCK_D, a power of two,
-with masked loads and stores), fp16/bf16/fp32 inputs with fp32 accumulation, and
+Any N, any head dim D <= 256 (padded inside the kernels with masked loads and stores,
+never in the caller's tensors), fp16/bf16/fp32 inputs with fp32 accumulation, and
 fp64 with fp64 accumulation (for gradcheck).
 
 Forward: online softmax over key blocks, saving the natural-log log-sum-exp (B, H, N).
@@ -25,8 +25,8 @@ _INTERPRET = interpreter_on()
 # set True to trade that for tf32 tensor-core speed.
 ALLOW_TF32 = False
 MAX_HEAD_DIM = 256
+INTERPRET_BLOCK = 64  # query/key block under the interpreter (no autotuning there)
 _LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 def attention_reference(q, k, v, scale=None):
@@ -36,69 +36,79 @@ def attention_reference(q, k, v, scale=None):
 
 
 # ----------------------------------------------------------------------------- kernels
+# Head dim: D is covered by a power-of-two chunk of DL columns plus, when that saves
+# work, a second chunk of DH columns (DL + DH < next power of two, 0 = no second
+# chunk): D=72 runs as 64 + 16 = 80 columns of tensor-core work instead of 128, D=40 as
+# 32 + 16. Columns past D are masked to zero on load and never stored.
 # Row strides arrive divided by ALIGN (a power of two dividing every stride) and are
 # multiplied back by the constexpr here: Triton then knows each row starts on an ALIGN
 # boundary and can issue 16-byte loads even when the stride itself (72 for D=72) is not
 # a multiple of 16, which is all Triton infers from a runtime integer.
-
-@triton.jit
-def _load_tile(base, rows, stride, cols, N, D: tl.constexpr, ALIGN: tl.constexpr, UPCAST: tl.constexpr):
-    """A [rows, BLOCK_D] tile, zero outside N x D."""
-    mask = (rows < N)[:, None] & (cols < D)[None, :]
-    x = tl.load(base + (rows[:, None] * stride) * ALIGN + cols[None, :], mask=mask, other=0.0)
-    if UPCAST:  # the interpreter computes 16-bit floats wrongly (stored as raw uint16)
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store_tile(base, rows, stride, cols, N, x, D: tl.constexpr, ALIGN: tl.constexpr):
-    mask = (rows < N)[:, None] & (cols < D)[None, :]
-    tl.store(base + (rows[:, None] * stride) * ALIGN + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _head_offset(bh, H, stride_b, stride_h, ALIGN: tl.constexpr):
-    # int64: B*H*N*D can pass 2**31 elements at DiT batch sizes.
-    return ((bh // H).to(tl.int64) * stride_b + (bh % H).to(tl.int64) * stride_h) * ALIGN
-
+# Head offsets are int64: B*H*N*D can pass 2**31 elements at DiT batch sizes.
+# TILE is the dtype tiles are computed in: the input dtype on GPU, so tl.dot gets 16-bit
+# operands (tensor cores) with ACC (fp32) accumulation; fp32 under the interpreter,
+# which silently computes garbage on 16-bit floats (it stores them as raw uint16).
+# Everything is written inline: under the interpreter each call of a nested @triton.jit
+# helper costs milliseconds of patching, more than the tile arithmetic itself.
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                 H, N, N_BUCKET, qk_scale,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, UPCAST: tl.constexpr,
-                ACC: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+                D: tl.constexpr, DL: tl.constexpr, DH: tl.constexpr, ALIGN: tl.constexpr,
+                TILE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh = tl.program_id(1)
-    Q += _head_offset(bh, H, sqb, sqh, ALIGN)
-    K += _head_offset(bh, H, skb, skh, ALIGN)
-    V += _head_offset(bh, H, svb, svh, ALIGN)
-    O += _head_offset(bh, H, sob, soh, ALIGN)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, offs_m, sqn, offs_d, N, D, ALIGN, UPCAST)
-
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DL)
+    d_ok = (offs_d < D)[None, :]
+    m_ok = (offs_m < N)[:, None]
+    q_rows = Q + (b * sqb + h * sqh) * ALIGN + (offs_m[:, None] * sqn) * ALIGN
+    k_rows = K + (b * skb + h * skh) * ALIGN + (offs_n[:, None] * skn) * ALIGN
+    v_rows = V + (b * svb + h * svh) * ALIGN + (offs_n[:, None] * svn) * ALIGN
+    q = tl.load(q_rows + offs_d[None, :], mask=m_ok & d_ok, other=0.0).to(TILE)
+    acc = tl.full([BLOCK_M, DL], 0.0, dtype=ACC)
+    if DH > 0:
+        offs_e = DL + tl.arange(0, DH)
+        e_ok = (offs_e < D)[None, :]
+        qe = tl.load(q_rows + offs_e[None, :], mask=m_ok & e_ok, other=0.0).to(TILE)
+        acc_e = tl.full([BLOCK_M, DH], 0.0, dtype=ACC)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
-    l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    l_i = tl.full([BLOCK_M], 0.0, dtype=ACC)
+
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, offs_n, skn, offs_d, N, D, ALIGN, UPCAST)
-        v = _load_tile(V, offs_n, svn, offs_d, N, D, ALIGN, UPCAST)
+        n_ok = (start_n + offs_n < N)[:, None]
+        k = tl.load(k_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+        v = tl.load(v_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
+        if DH > 0:
+            ke = tl.load(k_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+            ve = tl.load(v_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+            s = tl.dot(qe, tl.trans(ke), s, input_precision=PREC, out_dtype=ACC)
         # Scores in log2 units (qk_scale = scale * log2 e) so the softmax uses exp2.
-        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale
-        if not EVEN_N:  # padded keys must get zero weight; every block holds >= 1 real key
-            s = tl.where((offs_n < N)[None, :], s, float("-inf"))
+        s = s * qk_scale
+        if not EVEN_N:  # padded keys get zero weight; every block holds >= 1 real key
+            s = tl.where((start_n + offs_n < N)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
+        p = p.to(TILE)
+        acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PREC, out_dtype=ACC)
+        if DH > 0:
+            acc_e = tl.dot(p, ve, acc_e * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
+        k_rows += (BLOCK_N * skn) * ALIGN
+        v_rows += (BLOCK_N * svn) * ALIGN
+
     # l_i >= 1 (the row maximum contributes exp2(0)), so no division by zero.
-    _store_tile(O, offs_m, son, offs_d, N, acc / l_i[:, None], D, ALIGN)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    o_rows = O + (b * sob + h * soh) * ALIGN + (offs_m[:, None] * son) * ALIGN
+    tl.store(o_rows + offs_d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok & d_ok)
+    if DH > 0:
+        tl.store(o_rows + offs_e[None, :], (acc_e / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok & e_ok)
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
     tl.store(LSE + bh.to(tl.int64) * N + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < N)
 
 
@@ -106,14 +116,17 @@ def _fwd_kernel(Q, K, V, O, LSE,
 def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N,
                       D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
                       ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(dO * O): memory-bound, so one padded power-of-two tile is fine."""
     bh = tl.program_id(1)
-    O += _head_offset(bh, H, sob, soh, ALIGN)
-    DO += _head_offset(bh, H, sdb, sdh, ALIGN)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O, offs_m, son, offs_d, N, D, ALIGN, False).to(ACC)
-    do = _load_tile(DO, offs_m, sdn, offs_d, N, D, ALIGN, False).to(ACC)
-    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=offs_m < N)
+    ok = (offs_m < N)[:, None] & (offs_d < D)[None, :]
+    o = tl.load(O + (b * sob + h * soh) * ALIGN + (offs_m[:, None] * son) * ALIGN + offs_d[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(DO + (b * sdb + h * sdh) * ALIGN + (offs_m[:, None] * sdn) * ALIGN + offs_d[None, :],
+                 mask=ok, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o.to(ACC) * do.to(ACC), 1), mask=offs_m < N)
 
 
 @triton.jit
@@ -121,111 +134,163 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn,
                      skgb, skgh, skgn, svgb, svgh, svgn,
                      H, N, N_BUCKET, qk_scale, scale,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, UPCAST: tl.constexpr,
-                     ACC: tl.constexpr, PREC: tl.constexpr,
+                     D: tl.constexpr, DL: tl.constexpr, DH: tl.constexpr, ALIGN: tl.constexpr,
+                     TILE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_N keys, looping over all queries in BLOCK_M steps (transposed: P^T)."""
+    """One program per BLOCK_N keys, streaming all queries in BLOCK_M steps (works on P^T)."""
     bh = tl.program_id(1)
-    Q += _head_offset(bh, H, sqb, sqh, ALIGN)
-    K += _head_offset(bh, H, skb, skh, ALIGN)
-    V += _head_offset(bh, H, svb, svh, ALIGN)
-    DO += _head_offset(bh, H, sdb, sdh, ALIGN)
-    DK += _head_offset(bh, H, skgb, skgh, ALIGN)
-    DV += _head_offset(bh, H, svgb, svgh, ALIGN)
-    LSE += bh.to(tl.int64) * N
-    DELTA += bh.to(tl.int64) * N
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(K, offs_n, skn, offs_d, N, D, ALIGN, UPCAST)
-    v = _load_tile(V, offs_n, svn, offs_d, N, D, ALIGN, UPCAST)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, DL)
+    d_ok = (offs_d < D)[None, :]
+    n_ok = (offs_n < N)[:, None]
+    k_rows = K + (b * skb + h * skh) * ALIGN + (offs_n[:, None] * skn) * ALIGN
+    v_rows = V + (b * svb + h * svh) * ALIGN + (offs_n[:, None] * svn) * ALIGN
+    q_rows = Q + (b * sqb + h * sqh) * ALIGN + (offs_m[:, None] * sqn) * ALIGN
+    do_rows = DO + (b * sdb + h * sdh) * ALIGN + (offs_m[:, None] * sdn) * ALIGN
+    lse_ptrs = LSE + bh.to(tl.int64) * N + offs_m
+    delta_ptrs = DELTA + bh.to(tl.int64) * N + offs_m
+    k = tl.load(k_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+    v = tl.load(v_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+    dk = tl.full([BLOCK_N, DL], 0.0, dtype=ACC)
+    dv = tl.full([BLOCK_N, DL], 0.0, dtype=ACC)
+    if DH > 0:
+        offs_e = DL + tl.arange(0, DH)
+        e_ok = (offs_e < D)[None, :]
+        ke = tl.load(k_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+        ve = tl.load(v_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+        dke = tl.full([BLOCK_N, DH], 0.0, dtype=ACC)
+        dve = tl.full([BLOCK_N, DH], 0.0, dtype=ACC)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(Q, offs_m, sqn, offs_d, N, D, ALIGN, UPCAST)
-        do = _load_tile(DO, offs_m, sdn, offs_d, N, D, ALIGN, UPCAST)
-        # Padded query rows need no mask: q = dO = 0 there and lse = delta = 0 give
-        # P^T = 1, dS^T = 0, and both enter dV and dK only multiplied by zero rows.
-        lse2 = tl.load(LSE + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + offs_m, mask=offs_m < N, other=0.0)
-        pt = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC) * qk_scale - lse2[None, :])
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC, out_dtype=ACC)
+        r_ok = start_m + offs_m < N
+        q = tl.load(q_rows + offs_d[None, :], mask=r_ok[:, None] & d_ok, other=0.0).to(TILE)
+        do = tl.load(do_rows + offs_d[None, :], mask=r_ok[:, None] & d_ok, other=0.0).to(TILE)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC, out_dtype=ACC)
-    # Padded key rows hold garbage (even inf) but stay in their own rows and are not stored.
-    _store_tile(DK, offs_n, skgn, offs_d, N, dk * scale, D, ALIGN)
-    _store_tile(DV, offs_n, svgn, offs_d, N, dv, D, ALIGN)
+        if DH > 0:
+            qe = tl.load(q_rows + offs_e[None, :], mask=r_ok[:, None] & e_ok, other=0.0).to(TILE)
+            doe = tl.load(do_rows + offs_e[None, :], mask=r_ok[:, None] & e_ok, other=0.0).to(TILE)
+            st = tl.dot(ke, tl.trans(qe), st, input_precision=PREC, out_dtype=ACC)
+            dpt = tl.dot(ve, tl.trans(doe), dpt, input_precision=PREC, out_dtype=ACC)
+        # Padded query rows need no mask: q = dO = 0 and lse = delta = 0 there give
+        # P^T = 1 and dS^T = 0, which reach dV and dK only multiplied by zero rows.
+        lse2 = tl.load(lse_ptrs, mask=r_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_ptrs, mask=r_ok, other=0.0)
+        pt = tl.exp2(st * qk_scale - lse2[None, :])
+        dst = (pt * (dpt - delta[None, :])).to(TILE)
+        pt = pt.to(TILE)
+        dv = tl.dot(pt, do, dv, input_precision=PREC, out_dtype=ACC)
+        dk = tl.dot(dst, q, dk, input_precision=PREC, out_dtype=ACC)
+        if DH > 0:
+            dve = tl.dot(pt, doe, dve, input_precision=PREC, out_dtype=ACC)
+            dke = tl.dot(dst, qe, dke, input_precision=PREC, out_dtype=ACC)
+        q_rows += (BLOCK_M * sqn) * ALIGN
+        do_rows += (BLOCK_M * sdn) * ALIGN
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+
+    # Padded key rows may hold garbage (even inf): it stays in its own rows, never stored.
+    dk_rows = DK + (b * skgb + h * skgh) * ALIGN + (offs_n[:, None] * skgn) * ALIGN
+    dv_rows = DV + (b * svgb + h * svgh) * ALIGN + (offs_n[:, None] * svgn) * ALIGN
+    tl.store(dk_rows + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=n_ok & d_ok)
+    tl.store(dv_rows + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=n_ok & d_ok)
+    if DH > 0:
+        tl.store(dk_rows + offs_e[None, :], (dke * scale).to(DK.dtype.element_ty), mask=n_ok & e_ok)
+        tl.store(dv_rows + offs_e[None, :], dve.to(DV.dtype.element_ty), mask=n_ok & e_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sdb, sdh, sdn, sqgb, sqgh, sqgn,
                    H, N, N_BUCKET, qk_scale, scale,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr, UPCAST: tl.constexpr,
-                   ACC: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
+                   D: tl.constexpr, DL: tl.constexpr, DH: tl.constexpr, ALIGN: tl.constexpr,
+                   TILE: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, EVEN_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One program per BLOCK_M queries, looping over all keys in BLOCK_N steps."""
+    """One program per BLOCK_M queries, streaming all keys in BLOCK_N steps."""
     bh = tl.program_id(1)
-    Q += _head_offset(bh, H, sqb, sqh, ALIGN)
-    K += _head_offset(bh, H, skb, skh, ALIGN)
-    V += _head_offset(bh, H, svb, svh, ALIGN)
-    DO += _head_offset(bh, H, sdb, sdh, ALIGN)
-    DQ += _head_offset(bh, H, sqgb, sqgh, ALIGN)
+    b, h = (bh // H).to(tl.int64), (bh % H).to(tl.int64)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(Q, offs_m, sqn, offs_d, N, D, ALIGN, UPCAST)
-    do = _load_tile(DO, offs_m, sdn, offs_d, N, D, ALIGN, UPCAST)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, DL)
+    d_ok = (offs_d < D)[None, :]
+    m_ok = (offs_m < N)[:, None]
+    q_rows = Q + (b * sqb + h * sqh) * ALIGN + (offs_m[:, None] * sqn) * ALIGN
+    do_rows = DO + (b * sdb + h * sdh) * ALIGN + (offs_m[:, None] * sdn) * ALIGN
+    k_rows = K + (b * skb + h * skh) * ALIGN + (offs_n[:, None] * skn) * ALIGN
+    v_rows = V + (b * svb + h * svh) * ALIGN + (offs_n[:, None] * svn) * ALIGN
+    q = tl.load(q_rows + offs_d[None, :], mask=m_ok & d_ok, other=0.0).to(TILE)
+    do = tl.load(do_rows + offs_d[None, :], mask=m_ok & d_ok, other=0.0).to(TILE)
+    dq = tl.full([BLOCK_M, DL], 0.0, dtype=ACC)
+    if DH > 0:
+        offs_e = DL + tl.arange(0, DH)
+        e_ok = (offs_e < D)[None, :]
+        qe = tl.load(q_rows + offs_e[None, :], mask=m_ok & e_ok, other=0.0).to(TILE)
+        doe = tl.load(do_rows + offs_e[None, :], mask=m_ok & e_ok, other=0.0).to(TILE)
+        dqe = tl.full([BLOCK_M, DH], 0.0, dtype=ACC)
     lse2 = tl.load(LSE + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * N + offs_m, mask=offs_m < N, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tile(K, offs_n, skn, offs_d, N, D, ALIGN, UPCAST)
-        v = _load_tile(V, offs_n, svn, offs_d, N, D, ALIGN, UPCAST)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC) * qk_scale - lse2[:, None])
-        if not EVEN_N:  # a padded key scores 0, so p = 2^-lse could be inf; inf * 0 = NaN
-            p = tl.where((offs_n < N)[None, :], p, 0.0)
+        n_ok = (start_n + offs_n < N)[:, None]
+        k = tl.load(k_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+        v = tl.load(v_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC, out_dtype=ACC)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC, out_dtype=ACC)
-    _store_tile(DQ, offs_m, sqgn, offs_d, N, dq * scale, D, ALIGN)
+        if DH > 0:
+            ke = tl.load(k_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+            ve = tl.load(v_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+            s = tl.dot(qe, tl.trans(ke), s, input_precision=PREC, out_dtype=ACC)
+            dp = tl.dot(doe, tl.trans(ve), dp, input_precision=PREC, out_dtype=ACC)
+        p = tl.exp2(s * qk_scale - lse2[:, None])
+        if not EVEN_N:  # a padded key scores 0, so p = 2^-lse may be inf, and inf * 0 = NaN
+            p = tl.where((start_n + offs_n < N)[None, :], p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(TILE)
+        dq = tl.dot(ds, k, dq, input_precision=PREC, out_dtype=ACC)
+        if DH > 0:
+            dqe = tl.dot(ds, ke, dqe, input_precision=PREC, out_dtype=ACC)
+        k_rows += (BLOCK_N * skn) * ALIGN
+        v_rows += (BLOCK_N * svn) * ALIGN
+
+    dq_rows = DQ + (b * sqgb + h * sqgh) * ALIGN + (offs_m[:, None] * sqgn) * ALIGN
+    tl.store(dq_rows + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=m_ok & d_ok)
+    if DH > 0:
+        tl.store(dq_rows + offs_e[None, :], (dqe * scale).to(DQ.dtype.element_ty), mask=m_ok & e_ok)
 
 
 # ----------------------------------------------------------------------------- tuning
 # (outer block, inner block, num_warps, num_stages); BLOCK_M is the query block and
-# BLOCK_N the key block in every kernel. Lists are chosen by the bytes of one padded
-# row (BLOCK_D * element size) so tiles and pipeline stages fit shared memory (227 KB
-# on H100) and registers: "small" is 16-bit up to BLOCK_D 128 (the DiT shapes), "large"
-# 16-bit BLOCK_D 256 or fp32 128, "huge" fp32 256 and fp64. The first entry of a list
-# runs untuned for short sequences, where tuning is not worth its compile time.
+# BLOCK_N the key block in every kernel, the outer one is per program. Pools, chosen so
+# tiles and pipeline stages fit shared memory (227 KB on H100) and, per ptxas for sm_90a,
+# mostly without register spills: "small" for 16-bit with DL + DH <= 128 (the DiT
+# shapes, on wgmma tensor cores), "large" for wider 16-bit heads and fp32/fp64 rows up
+# to 512 bytes, "huge" beyond. The first entry of a pool runs untuned for short
+# sequences (N < _TUNE_FROM_N), where tuning is not worth its compile time.
 _TABLES = {
-    "fwd": {"small": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 4), (64, 64, 4, 3)],
-            "large": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]},
-    # Backward: a large outer block (keys for dK/dV, queries for dQ) keeps its fp32
+    "fwd": {"small": [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)],
+            "large": [(64, 32, 8, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+            "huge": [(16, 16, 4, 1)]},
+    # Backward: the outer block (keys for dK/dV, queries for dQ) keeps its fp32
     # accumulators in registers while small inner blocks stream through.
-    "bwd": {"small": [(128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 4),
-                      (64, 64, 4, 3), (64, 32, 4, 4)],
-            "large": [(64, 32, 8, 2), (32, 32, 4, 2), (64, 64, 8, 1)]},
+    "bwd": {"small": [(128, 32, 8, 4), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 4)],
+            "large": [(64, 32, 8, 2), (32, 32, 4, 2)],
+            "huge": [(16, 16, 4, 1)]},
 }
-_HUGE = [(16, 16, 4, 1)]
-_TUNE_FROM_N = 256  # N_BUCKET below this runs the first config untuned
+_TUNE_FROM_N = 256  # compared with N_BUCKET, a kernel argument that only keys the tuning
 
 
 def _table_configs(table, outer_is_m):
-    def make(rows):
-        return [triton.Config({"BLOCK_M": a, "BLOCK_N": b} if outer_is_m else {"BLOCK_M": b, "BLOCK_N": a},
-                              num_warps=w, num_stages=s) for a, b, w, s in rows]
-    pools = {"small": make(table["small"]), "large": make(table["large"]), "huge": make(_HUGE)}
+    pools = {name: [triton.Config({"BLOCK_M": a, "BLOCK_N": b} if outer_is_m else {"BLOCK_M": b, "BLOCK_N": a},
+                                  num_warps=w, num_stages=s) for a, b, w, s in rows]
+             for name, rows in table.items()}
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        row_bytes = args["BLOCK_D"] * args["Q"].element_size()
-        pool = pools["small" if row_bytes <= 256 else "large" if row_bytes <= 512 else "huge"]
-        return pool if args["N_BUCKET"] >= _TUNE_FROM_N else pool[:1]
-    return [c for p in pools.values() for c in p], prune
+        elem, width = args["Q"].element_size(), args["DL"] + args["DH"]
+        name = "small" if elem == 2 and width <= 128 else "large" if elem * width <= 512 else "huge"
+        return pools[name] if args["N_BUCKET"] >= _TUNE_FROM_N else pools[name][:1]
+    return [c for pool in pools.values() for c in pool], prune
 
 
 def _build(kernel, name, outer_is_m=True, even_n=True):
@@ -245,6 +310,8 @@ _bwd_dq = _build(_bwd_dq_kernel, "bwd")
 
 # ----------------------------------------------------------------------------- launchers
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+             torch.float64: tl.float64}
 
 
 def _check_inputs(q, k, v):
@@ -294,24 +361,38 @@ def _strides(t, align):
     return [s // align for s in t.stride()[:3]]
 
 
+def _split_head_dim(D):
+    """(DL, DH): a power-of-two chunk plus a smaller one (0 = none) covering D, when two
+    chunks are narrower than the next power of two (72 -> 64 + 16), else (that power, 0)."""
+    full = max(16, triton.next_power_of_2(D))
+    lo = max(16, 1 << (D.bit_length() - 1))
+    hi = max(16, triton.next_power_of_2(D - lo)) if D > lo else 0
+    return (lo, hi) if lo + hi < full else (full, 0)
+
+
 def _meta(q):
-    """Compile-time parameters shared by every kernel for these inputs."""
-    B, H, N, D = q.shape
+    """Compile-time parameters shared by the main kernels for these inputs."""
     f64 = q.dtype == torch.float64
     if q.dtype == torch.float32:
         prec = "tf32" if ALLOW_TF32 else "ieee"
     else:  # 16-bit dots ignore it; fp64 has no reduced mode
         prec = "ieee" if f64 else "tf32"
-    return dict(D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), ACC=tl.float64 if f64 else tl.float32,
-                # On GPU 16-bit tiles go straight into tensor-core dots; the interpreter
-                # must see fp32 (fp64 already computes correctly there).
-                UPCAST=_INTERPRET and not f64, PREC=prec)
+    acc = tl.float64 if f64 else tl.float32
+    tile = _TL_DTYPE[q.dtype] if not _INTERPRET or f64 else tl.float32
+    dl, dh = _split_head_dim(q.shape[-1])
+    return dict(D=q.shape[-1], DL=dl, DH=dh, TILE=tile, ACC=acc, PREC=prec)
 
 
 def _launch_cfg(N):
-    """Interpreter only: fixed blocks (64 is the fastest there), shrunk for tiny N."""
-    blk = min(64, max(16, triton.next_power_of_2(N)))
+    """Interpreter only: one fixed config (64 keeps several blocks, and so the online
+    softmax across blocks, in play at test sizes), shrunk for tiny N."""
+    blk = min(INTERPRET_BLOCK, max(16, triton.next_power_of_2(N)))
     return dict(BLOCK_M=blk, BLOCK_N=blk, num_warps=4)
+
+
+def _bucket(N):
+    """Autotune key: the largest power of two <= N, so nearby lengths share a tuning."""
+    return 1 << (N.bit_length() - 1)
 
 
 def _grid(n_blocks_of, N, BH):
@@ -341,7 +422,7 @@ def attention_forward(q, k, v, scale=None, out=None, lse=None):
     extra = _launch_cfg(N) if _INTERPRET else {}
     _fwd[_grid("BLOCK_M", N, B * H)](
         q, k, v, out, lse, *_strides(q, align), *_strides(k, align), *_strides(v, align), *_strides(out, align),
-        H, N, triton.next_power_of_2(N), scale * _LOG2E, ALIGN=align, **meta, **extra)
+        H, N, _bucket(N), scale * _LOG2E, ALIGN=align, **meta, **extra)
     return out, lse
 
 
@@ -369,14 +450,15 @@ def attention_backward(q, k, v, out, lse, dout, scale=None, dq=None, dk=None, dv
     align = _align(q, k, v, out, dout, dq, dk, dv)
     meta = _meta(q)
     s_q, s_k, s_v, s_o, s_do = (_strides(t, align) for t in (q, k, v, out, dout))
-    n_bucket, qk_scale = triton.next_power_of_2(N), scale * _LOG2E
+    n_bucket, qk_scale = _bucket(N), scale * _LOG2E
     extra = _launch_cfg(N) if _INTERPRET else {}
 
     delta = torch.empty((B, H, N), dtype=acc_dtype, device=q.device)
-    delta_block = 64 if meta["BLOCK_D"] <= 128 else 32
+    block_d = max(16, triton.next_power_of_2(D))
+    delta_block = 64 if block_d <= 128 else 32
     _bwd_delta_kernel[(triton.cdiv(N, delta_block), B * H)](
-        out, dout, delta, *s_o, *s_do, H, N, D=D, BLOCK_D=meta["BLOCK_D"], ALIGN=align,
-        ACC=meta["ACC"], BLOCK_M=delta_block)
+        out, dout, delta, *s_o, *s_do, H, N, D=D, BLOCK_D=block_d, ALIGN=align, ACC=meta["ACC"],
+        BLOCK_M=delta_block)
     _bwd_dkdv[_grid("BLOCK_N", N, B * H)](
         q, k, v, dout, lse, delta, dk, dv, *s_q, *s_k, *s_v, *s_do, *_strides(dk, align), *_strides(dv, align),
         H, N, n_bucket, qk_scale, scale, ALIGN=align, **meta, **extra)
@@ -410,8 +492,15 @@ def attention(q, k, v, scale=None, backend="auto"):
     """softmax(q k^T * scale) v over (B, H, N, D) inputs, differentiable in q, k, v.
 
     backend: "auto" (Triton on CUDA, else PyTorch), "triton" or "torch"; see backend.py.
+    "triton" raises ValueError on inputs the kernel does not take (D > 256, q/k/v shapes,
+    dtypes or devices that differ); "auto" hands those to the PyTorch reference instead.
     """
     if use_triton(backend, q):
-        _check_inputs(q, k, v)
-        return _attention_triton(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+        try:
+            _check_inputs(q, k, v)
+        except ValueError:
+            if backend != "auto":
+                raise
+        else:
+            return _attention_triton(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
     return attention_reference(q, k, v, scale)

@@ -56,6 +56,8 @@ LOSS_QUICK = [(256, 4, 64, 64)]
 
 
 def _git_commit():
+    if os.environ.get("FLOWPRE_COMMIT"):
+        return os.environ["FLOWPRE_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
                              capture_output=True, text=True, timeout=10)
@@ -330,7 +332,9 @@ def run_benchmarks(out_path=None, quick=False):
               "quick": quick, "hbm_peak_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_bw / 1e9,
               "conventions": __doc__.split("Conventions", 1)[1].strip(), "rows": []}
     shapes = ADALN_QUICK if quick else ADALN_FULL
-    report["rows"] += _attention_rows(timer, ATTN_QUICK if quick else ATTN_FULL)
+    attn = os.environ.get("FLOWPRE_BENCH_ATTN")  # e.g. "256:72,1024:64": (N, D) pairs to time
+    attn_shapes = [tuple(int(v) for v in p.split(":")) for p in attn.split(",")] if attn else None
+    report["rows"] += _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL))
     report["rows"] += _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
     report["rows"] += _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw)
     # no graph timing for the loss: the reference's bincount syncs with the host, which
