@@ -14,7 +14,11 @@ OUT=${1:-${OUT:-benchmarks/results}}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-python3 -c "import flowpre.kernels" 2>/dev/null || pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+# flowpre.kernels is kernels/ (setup.py maps it); without an install, a link does the same
+if ! python3 -c "import flowpre.kernels" 2>/dev/null; then
+    ln -sfn ../kernels flowpre/kernels
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 
