@@ -34,7 +34,6 @@ def _f(default, lo=None, hi=None, choices=None):
 @dataclass
 class RunConfig:
     dir: str = _f("runs/default")
-    name: str = _f("")  # defaults to the folder name
 
 
 @dataclass
@@ -94,7 +93,6 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, lo=1)
     resume: str = _f("none")  # none | auto | path to a checkpoint folder
     log_every: int = _f(10, lo=1)
-    compile: bool = _f(False)
 
 
 @dataclass
@@ -121,12 +119,6 @@ class SampleConfig:
 
 
 @dataclass
-class LoggingConfig:
-    wandb: str = _f("off", choices=("off", "offline", "online"))
-    project: str = _f("flowpre")
-
-
-@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,7 +128,6 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --- loading -------------------------------------------------------------------------
@@ -247,8 +238,6 @@ def load_config(path=None, overrides=()) -> Config:
         key, text = item.split("=", 1)
         _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", "command line")
     _validate_together(cfg, str(path) if path else "command line")
-    if not cfg.run.name:
-        cfg.run.name = Path(cfg.run.dir).name
     return cfg
 
 

@@ -138,6 +138,7 @@ def train(cfg):
             record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
             record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
+            record.update({f"ema_dist_{k}": v for k, v in ema.distance_to(engine.module, zero3).items()})
             log.write(record)
             if dist.is_main:
                 print(f"step {step:>7d} | loss {record['loss']:.4f} | {record['samples_per_s']:.1f} img/s"
