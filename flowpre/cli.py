@@ -37,7 +37,7 @@ def cmd_sample(args):
     from flowpre.sampling import euler_sample, seeded_noise
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, meta = load_model(args.weights, device)
+    model, _ = load_model(args.weights, device)
     n, C, H = args.num, model.in_channels, model.image_size
     cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
         else torch.full((n,), args.label, device=device)
