@@ -19,6 +19,12 @@ def cmd_train(args):
     from flowpre.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
+    if args.plan:
+        from flowpre.train.plan import make_plan, print_plan
+        from flowpre.train.loop import fill_model_shape
+        fill_model_shape(cfg)
+        print_plan(make_plan(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        return
     train(cfg)
 
 
@@ -85,6 +91,8 @@ def main(argv=None):
     p = sub.add_parser("train", help="train a model (one process, or one rank per process under a launcher)")
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--plan", action="store_true", help="print parameters, FLOPs, batch and memory per rank; no training")
+    p.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: WORLD_SIZE or 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a run's weights to one safetensors file")

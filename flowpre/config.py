@@ -82,6 +82,7 @@ class TrainConfig:
     max_steps: int = _f(1000, lo=1)
     batch_size: int = _f(64, lo=1)  # global: micro batch x grad accumulation x ranks
     grad_accum: int = _f(1, lo=1)
+    activation_checkpointing: bool = _f(False)  # recompute each DiT block in the backward
     lr: float = _f(1e-4, lo=0.0)
     weight_decay: float = _f(0.0, lo=0.0)
     betas: list = _f([0.9, 0.999])
@@ -106,6 +107,7 @@ class EmaConfig:
 class DeepSpeedConfig:
     zero_stage: int = _f(2, lo=0, hi=3)
     template: str = _f("")  # JSON file; default configs/deepspeed/zero{stage}.json
+    offload_optimizer: str = _f("none", choices=("none", "cpu"))  # ZeRO-Offload (stages 1-3)
 
 
 @dataclass
@@ -119,6 +121,15 @@ class SampleConfig:
 
 
 @dataclass
+class LoggingConfig:
+    wandb: str = _f("off", choices=("off", "offline", "online"))
+    project: str = _f("flowpre")
+    name: str = _f("")  # default: the run folder's name
+    tags: str = _f("")  # comma-separated
+    progress: str = _f("auto", choices=("auto", "on", "off"))  # progress bar; auto = when stderr is a terminal
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +139,7 @@ class Config:
     ema: EmaConfig = field(default_factory=EmaConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --- loading -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from flowpre import kernels as K
 
@@ -130,6 +131,7 @@ class DiT(nn.Module):
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
         self.step_levels = step_levels
+        self.activation_checkpointing = False  # set by the engine (train.activation_checkpointing)
         self.grid = image_size // patch
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
@@ -187,7 +189,10 @@ class DiT(nn.Module):
         if self.d_embed is not None:
             c = c + self.d_embed(step_level)
         for block in self.blocks:
-            h = block(h, c, self.kernels)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(block, h, c, self.kernels, use_reentrant=False)
+            else:
+                h = block(h, c, self.kernels)
         return self.unpatchify(self.final(h, c, self.kernels))
 
     def forward_flops(self):

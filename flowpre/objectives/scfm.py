@@ -125,5 +125,6 @@ class SCFM:
             group[sc_idx] = SC
             info["sc_grid_mean"] = N.mean()
             info["sc_jump_mean"] = (sig_a - sig_next).mean()
+        info["extra_forward_images"] = 2 * n_sc * (1 if self.cfg.guidance_scale == 1.0 else 2)
         return Targets(x=x, sigma=sigma, cond=dropped, target=target, weight=torch.ones(B, device=device),
                        group=group, info=info, sigma_mid=sigma_mid, sigma_next=sigma_next)

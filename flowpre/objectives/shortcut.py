@@ -77,6 +77,7 @@ class Shortcut:
             sigma, sigma_next = sigma.index_copy(0, bs_idx, sig_b), sigma_next.index_copy(0, bs_idx, next_b)
             cond_out, level = cond_out.index_copy(0, bs_idx, bs_cond), level.index_copy(0, bs_idx, lvl_b)
             group[bs_idx] = 1 + lvl_b  # groups: fm, sc_l0 .. sc_l6
+        info = {"extra_forward_images": 2 * n_bs * (1 if self.cfg.guidance_scale == 1.0 else 2)}
         return Targets(x=x, sigma=sigma, cond=cond_out, target=target, weight=torch.ones(B, device=device),
-                       group=group, extra_inputs={"step_level": level}, sigma_mid=(sigma + sigma_next) / 2,
-                       sigma_next=sigma_next)
+                       group=group, extra_inputs={"step_level": level}, info=info,
+                       sigma_mid=(sigma + sigma_next) / 2, sigma_next=sigma_next)

@@ -29,7 +29,15 @@ def deepspeed_config(cfg, world_size):
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size // per_step
     ds["gradient_clipping"] = cfg.train.grad_clip
-    ds.setdefault("zero_optimization", {})["stage"] = cfg.deepspeed.zero_stage
+    zero = ds.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.deepspeed.zero_stage
+    if cfg.deepspeed.offload_optimizer != "none":
+        if cfg.deepspeed.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": cfg.deepspeed.offload_optimizer, "pin_memory": True}
+        # ZeRO-Offload steps with DeepSpeed's CPU Adam: let DeepSpeed build it from here
+        ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": list(cfg.train.betas),
+                                                       "weight_decay": cfg.train.weight_decay}}
     return ds
 
 
@@ -41,12 +49,13 @@ def build_engine(cfg, model, world_size):
     import deepspeed
 
     ds = deepspeed_config(cfg, world_size)
+    model.activation_checkpointing = cfg.train.activation_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas),
-                                  weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train.warmup_steps))
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                           lr_scheduler=scheduler, config=ds)
+    optimizer = None if "optimizer" in ds else torch.optim.AdamW(
+        params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+    warmup = lr_lambda(cfg.train.warmup_steps)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=ds,
+                                      lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup))
     return engine, ds
 
 

@@ -23,15 +23,25 @@ from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import barrier, init_distributed
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
-from .metrics import Meter, MetricsLog, peak_flops
+from .metrics import Meter, peak_flops
+from .report import Reporter
 
 
-def build_model(cfg, dataset, step_levels=0):
-    """The student, with shape keys left at 0 in the config filled from the dataset."""
+def fill_model_shape(cfg, dataset=None):
+    """Shape keys left at 0 in the config (channels, size, classes) read from the shards."""
     m = cfg.model
+    if m.in_channels and m.image_size and m.num_classes:
+        return
+    dataset = dataset or read_dataset_info(resolve_shards(cfg.data.shards))
     m.in_channels = m.in_channels or dataset["channels"]
     m.image_size = m.image_size or dataset["height"]
     m.num_classes = m.num_classes or dataset["num_classes"]
+
+
+def build_model(cfg, dataset, step_levels=0):
+    """The student; shape keys left at 0 in the config are filled from the dataset."""
+    fill_model_shape(cfg, dataset)
+    m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if m.init:  # the architecture comes with the weights; model.name is not consulted
         from flowpre.export import load_model
@@ -75,7 +85,7 @@ def train(cfg):
     mode = precision(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
-    step, batches = 0, 0
+    step, batches, wandb_id = 0, 0, None
     ckpt = resolve_resume(cfg.train.resume, run_dir)
     if ckpt is not None:
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
@@ -83,7 +93,7 @@ def train(cfg):
             raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
                                "the data position cannot be carried over")
         ema.load_state_dict(shared["ema"])
-        step, batches = meta["step"], rank_state["batches"]
+        step, batches, wandb_id = meta["step"], rank_state["batches"], shared.get("wandb_id")
         generator.set_state(rank_state["generator"])
         torch.set_rng_state(rank_state["torch_cpu"])
         if device.type == "cuda":
@@ -94,7 +104,7 @@ def train(cfg):
         print(f"flowpre: {cfg.model.name} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"{dist.world_size} rank(s), ZeRO {cfg.deepspeed.zero_stage}, {mode}, objective {cfg.objective.name}"
               + (f", resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
-    log = MetricsLog(run_dir, dist.is_main, resume_step=step if ckpt else None)
+    report = Reporter(cfg, run_dir, dist.is_main, step, resumed=ckpt is not None, wandb_id=wandb_id)
 
     loader = ShardLoader(shards, batch_size=micro, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
@@ -113,8 +123,8 @@ def train(cfg):
                 "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        return save_checkpoint(engine, run_dir, step, {"ema": ema.state_dict(), "step": step}, rank_state,
-                               dist, meta, keep=cfg.train.keep_checkpoints)
+        shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id}
+        return save_checkpoint(engine, run_dir, step, shared, rank_state, dist, meta, keep=cfg.train.keep_checkpoints)
 
     while step < cfg.train.max_steps:
         step += 1
@@ -131,6 +141,7 @@ def train(cfg):
             engine.step()
             meter.add(loss, group_losses, t.group, x.shape[0])
         ema.update(engine.module, step, zero3)
+        report.advance()
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = {"step": step, **meter.read(dist.world_size), "lr": engine.get_lr()[0],
@@ -138,14 +149,13 @@ def train(cfg):
             record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
             record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
+            # no-grad forwards of EMAs / teacher, in units of the student's forward + backward
+            record["objective_overhead"] = record.pop("extra_forward_images", 0.0) / (3 * micro)
             record.update({f"ema_dist_{k}": v for k, v in ema.distance_to(engine.module, zero3).items()})
-            log.write(record)
-            if dist.is_main:
-                print(f"step {step:>7d} | loss {record['loss']:.4f} | {record['samples_per_s']:.1f} img/s"
-                      + (f" | MFU {record['mfu']:.1%}" if record["mfu"] else ""), flush=True)
+            report.log(record)
             meter.reset()
         if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
-            sample_grids(ema.slow, cfg, run_dir, step, device)
+            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
 
@@ -154,11 +164,13 @@ def train(cfg):
     weights = run_dir / "model.safetensors"
     if dist.is_main:
         grids = sample_grids(ema.slow, cfg, run_dir, step, device)
+        report.images(step, grids)
         export(run_dir, weights, ema="slow", checkpoint=last)
         trained = (step - start_step) * cfg.train.batch_size
         print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
               f"({trained} images in {elapsed:.0f} s)\n"
               f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
               f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
+    report.close()
     barrier()
     return run_dir
