@@ -14,6 +14,9 @@ TINY = ["model.name=DiT-2x32x2/4", "train.batch_size=8", "train.lr=0.001", "trai
 
 def env(**extra):
     e = dict(os.environ)
+    # the venv's tools first: DeepSpeed JIT-builds an extension with whichever ninja is on
+    # PATH, and two ninja versions alternating rebuild it (minutes) in every subprocess
+    e["PATH"] = os.path.dirname(sys.executable) + os.pathsep + e.get("PATH", "")
     e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
              TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                  os.path.expanduser("~/.cache/flowpre/torch_extensions")))
