@@ -13,7 +13,7 @@ import torch
 from flowpre import kernels as K
 from flowpre.config import save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
-from flowpre.export import export
+from flowpre.export import export, load_model
 from flowpre.images import save_grid
 from flowpre.models.dit import build_dit
 from flowpre.objectives import Nets, build
@@ -44,7 +44,6 @@ def build_model(cfg, dataset, step_levels=0):
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if m.init:  # the architecture comes with the weights; model.name is not consulted
-        from flowpre.export import load_model
         model, _ = load_model(m.init, kernels=m.kernels)
         if model.step_levels != step_levels:
             raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
@@ -110,10 +109,9 @@ def train(cfg):
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
-    teacher = None
-    if cfg.objective.teacher:  # distillation mode: a frozen exported model
-        from flowpre.export import load_model
-        teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False)
+    # distillation mode: a frozen exported model supplies part of the targets
+    teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
+        if cfg.objective.teacher else None
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher, null_class=model.null_class)
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
