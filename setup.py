@@ -11,6 +11,7 @@ setup(
     packages=["flowpre", "flowpre.models", "flowpre.objectives", "flowpre.data",
               "flowpre.train", "flowpre.eval", "flowpre.kernels"],
     package_dir={"flowpre": "flowpre", "flowpre.kernels": "kernels"},
+    package_data={"flowpre.eval": ["weights/*.safetensors"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
