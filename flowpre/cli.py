@@ -41,9 +41,10 @@ def cmd_sample(args):
     from flowpre.export import load_model
     from flowpre.images import save_grid
     from flowpre.sampling import euler_sample, seeded_noise
+    from flowpre.vae import decode, vae_for_dataset
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, _ = load_model(args.weights, device)
+    model, meta = load_model(args.weights, device)
     n, C, H = args.num, model.in_channels, model.image_size
     cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
         else torch.full((n,), args.label, device=device)
@@ -52,6 +53,8 @@ def cmd_sample(args):
     noise = seeded_noise((n, C, H, H), args.seed, device)
     rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, model.null_class,
                          step_inputs=model.sampling_inputs) for s in args.steps]
+    vae = vae_for_dataset(meta["dataset"], device)  # latent models decode through their shards' VAE
+    rows = [decode(vae, r) for r in rows] if vae is not None else rows
     save_grid(torch.cat(rows), args.out, ncol=n)
     print(f"wrote {args.out}: one row per step count {args.steps}, {n} samples each (seed {args.seed})")
 

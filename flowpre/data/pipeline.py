@@ -29,6 +29,12 @@ pixel data does not is only found at decode time, after the resume skip, and shi
 stream of that worker by one sample after a resume across it. Resuming re-reads the
 tars (without decoding) only until each worker knows which samples of its shards are
 valid; from then on whole epochs are skipped unread.
+
+Latent shards (written with `flowpre shards --vae`, dataset.json has a "latent" entry):
+`x` is each sample's latent.npy as float32 (B, c, h, w), unscaled; the png is not read.
+The whole latent is checked in the header check, so corrupt latents never shift a
+resume. hflip flips the latent's width axis: not exactly the latent of the flipped
+image, but the standard approximation of DiT-style latent training.
 """
 from __future__ import annotations
 
@@ -47,9 +53,11 @@ from typing import Iterator
 import braceexpand
 import numpy as np
 import torch
-from PIL import Image
 import webdataset as wds
+from PIL import Image
 from webdataset import tariterators
+
+from flowpre.vae import LATENT_KEY, read_latent
 
 from .sources import image_mode
 
@@ -118,7 +126,7 @@ def _tar_samples(url: str) -> Iterator[dict]:
                 current[suffix.lower()] = f["data"]
     except (OSError, EOFError, ValueError, tarfile.TarError) as e:  # truncated, corrupt, vanished
         key = current["__key__"] if current else None
-        if current is not None and "png" in current and "cls" in current:
+        if current is not None and "cls" in current and ("png" in current or LATENT_KEY in current):
             yield current
         yield {"__error__": e, "__key__": key, "__url__": url}
         return
@@ -129,13 +137,20 @@ def _tar_samples(url: str) -> Iterator[dict]:
 def read_dataset_info(shards: list[str]) -> dict:
     """channels, height, width, num_classes (and name, class_names when known) of the shards:
     from dataset.json beside the first shard, else from its first sample (num_classes is
-    then max(cls) + 1 over that shard, a lower bound)."""
+    then max(cls) + 1 over that shard, a lower bound). For latent shards channels, height
+    and width are the latent's (what the model sees); "pixel" keeps the images' and
+    "latent" the dataset.json entry (scaling, VAE path)."""
     first = shards[0]
     meta_path = Path(first).parent / "dataset.json"
     if not _is_remote(first) and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        return {k: meta[k] for k in ("name", "num_classes", "class_names", "channels", "height", "width")
+        info = {k: meta[k] for k in ("name", "num_classes", "class_names", "channels", "height", "width")
                 if k in meta}
+        if "latent" in meta:
+            shape = ("channels", "height", "width")
+            info = {**info, "pixel": {k: info[k] for k in shape}, "latent": meta["latent"],
+                    **{k: meta["latent"][k] for k in shape}}
+        return info
     info, max_cls = None, -1
     for s in _tar_samples(first):
         if "__error__" in s:
@@ -185,7 +200,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     """The per-worker batch stream; ShardLoader wraps it in a DataLoader(batch_size=None)."""
 
     def __init__(self, shards, batch_size, rank, world_size, num_workers, seed, hflip,
-                 shuffle_buffer, epochs, start_batch, channels, height, width, num_classes=None):
+                 shuffle_buffer, epochs, start_batch, channels, height, width, num_classes=None,
+                 latent=False):
         super().__init__()
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
@@ -193,6 +209,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.epochs, self.start_batch = epochs, start_batch
         self.shape = (channels, height, width)
         self.num_classes = num_classes
+        self.latent = latent  # shape is then the latent's, and x comes from latent.npy
         self._valid: dict[str, np.ndarray] = {}  # shard -> which raw samples pass _problem
 
     def __iter__(self):
@@ -293,14 +310,22 @@ class ShardStream(torch.utils.data.IterableDataset):
     def _problem(self, s: dict) -> str | None:
         """Cheap validation before the shuffle: everything short of decoding the pixels.
         Returns what is wrong, or None (and s["cls"] becomes an int)."""
-        if "png" not in s or "cls" not in s:
-            return f"missing {'png' if 'png' not in s else 'cls'}"
+        image = LATENT_KEY if self.latent else "png"
+        if image not in s or "cls" not in s:
+            return f"missing {image if image not in s else 'cls'}"
         try:
             cls = int(s["cls"].decode("utf-8").strip())
         except (UnicodeDecodeError, ValueError):
             return f"bad cls {s['cls'][:20]!r}"
         if cls < 0 or (self.num_classes and cls >= self.num_classes):
             return f"cls {cls} outside 0..{self.num_classes - 1}"
+        if self.latent:  # a few KB: parse it all here, so decode never fails after a resume skip
+            try:
+                s["latent"] = read_latent(s[LATENT_KEY], self.shape)
+            except ValueError as e:
+                return str(e)
+            s["cls"] = cls
+            return None
         try:
             with Image.open(io.BytesIO(s["png"])) as img:  # parses the header only
                 shape = (1 if image_mode(img) == "L" else 3, img.height, img.width)
@@ -312,7 +337,10 @@ class ShardStream(torch.utils.data.IterableDataset):
         return None
 
     def _decode(self, s: dict, state: _WorkerState) -> np.ndarray | None:
-        """PNG -> uint8 (C, H, W); grayscale stays 1 channel, RGBA/P become RGB."""
+        """PNG -> uint8 (C, H, W); grayscale stays 1 channel, RGBA/P become RGB. Latent
+        shards: the float16 latent parsed by _problem."""
+        if self.latent:
+            return s["latent"]
         try:
             with Image.open(io.BytesIO(s["png"])) as img:
                 arr = np.asarray(img.convert("L" if self.shape[0] == 1 else "RGB"))
@@ -334,7 +362,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         return None
 
     def _collate(self, xs, ys, state: _WorkerState) -> dict:
-        x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).float().div_(127.5).sub_(1.0)
+        x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).float()
+        if not self.latent:
+            x = x.div_(127.5).sub_(1.0)
         return {"x": x, "cond": torch.tensor(ys, dtype=torch.int64), "corrupt": state.corrupt,
                 "worker": state.worker}
 
@@ -343,6 +373,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 class ShardLoader:
     """Batches {"x": float32 (B,C,H,W) in [-1,1], "cond": int64 (B,), "corrupt": int} for one rank.
+    For latent shards (info has "latent") x is the latent (B,c,h,w), unscaled.
 
     shards: list of paths (or a pattern for resolve_shards). batch_size: per rank.
     epochs: None for an endless stream, or a number of passes (tests, evaluation).
@@ -369,7 +400,8 @@ class ShardLoader:
         self.corrupt_count = 0
         self.dataset = ShardStream(shards, batch_size, rank, world_size, num_workers, seed, hflip,
                                    shuffle_buffer, epochs, start_batch, self.info["channels"],
-                                   self.info["height"], self.info["width"], self.info.get("num_classes"))
+                                   self.info["height"], self.info["width"], self.info.get("num_classes"),
+                                   latent="latent" in self.info)
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                                   pin_memory=torch.cuda.is_available(), **extra)

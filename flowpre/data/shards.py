@@ -10,6 +10,11 @@ split and whatever the source adds). Shards are written to a ``.tmp`` name and
 renamed when complete, so a crash never leaves a half shard under a final name.
 ``dataset.json`` describes the images and lists, per split, the count and shards;
 writing another split into the same directory adds to it.
+
+With ``--vae PATH`` (a local diffusers AutoencoderKL) each sample also holds
+``latent.npy``: its float16 latent (c, h, w), see flowpre/vae.py; dataset.json then
+has a ``latent`` entry and the reader yields latents instead of pixels. The png stays
+(it is small, and FID needs the real images).
 """
 from __future__ import annotations
 
@@ -21,8 +26,11 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
+
+from flowpre.vae import LATENT_KEY, encode_uint8, latent_bytes, latent_meta, load_vae
 
 from .sources import Source, open_source
 
@@ -42,7 +50,18 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int | None) -> tuple[list[str], int]:
+def _with_latents(samples, vae, batch: int):
+    """(image, cls, meta, latent or None); the VAE runs on batches, not image by image."""
+    if vae is None:
+        yield from ((image, cls, meta, None) for image, cls, meta in samples)
+        return
+    while chunk := list(islice(samples, batch)):
+        latents = encode_uint8(vae, [image for image, _, _ in chunk])
+        yield from ((*sample, latent) for sample, latent in zip(chunk, latents))
+
+
+def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int | None,
+                 vae=None, vae_batch: int = 64) -> tuple[list[str], int]:
     """Write one split; returns (shard file names, sample count). Samples the source skips
     (unreadable files) are left out of the numbering, so indices stay dense."""
     names: list[str] = []
@@ -53,7 +72,8 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
         os.replace(tmp, out / names[-1])
 
     try:
-        for index, (image, cls, meta) in enumerate(islice(src.samples(split), limit)):
+        samples = _with_latents(islice(src.samples(split), limit), vae, vae_batch)
+        for index, (image, cls, meta, latent) in enumerate(samples):
             if index % shard_size == 0:
                 if writer is not None:
                     finish()
@@ -63,8 +83,10 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
                 writer = wds.TarWriter(str(tmp), mtime=0)
             meta = {"class_name": src.info.class_names[cls], "source": src.info.name,
                     "index": index, "split": split, **meta}
-            writer.write({"__key__": f"{index:08d}", "png": encode_png(image),
-                          "cls": str(cls), "json": meta})
+            sample = {"__key__": f"{index:08d}", "png": encode_png(image), "cls": str(cls), "json": meta}
+            if latent is not None:
+                sample[LATENT_KEY] = latent_bytes(latent)
+            writer.write(sample)
             count += 1
         if writer is not None:
             finish()
@@ -82,11 +104,14 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
 
 
 def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "train",
-                 image_size: int | None = None, limit: int | None = None) -> list[str]:
+                 image_size: int | None = None, limit: int | None = None, vae=None,
+                 vae_batch: int = 64) -> list[str]:
     """Write `source` ("fashion-mnist", "digits", "folder:PATH") as shards in `out_dir`.
 
     split: "train", "test" or "all" (every split the source has). limit: at most that many
-    samples per split. Returns the paths of the shards written, in order.
+    samples per split. vae: folder of a diffusers AutoencoderKL; adds latent.npy to each
+    sample (encoded vae_batch images at a time, on the GPU when there is one). Returns the
+    paths of the shards written, in order.
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -103,18 +128,24 @@ def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "tra
     meta_path = out / DATASET_JSON
     info = src.info.to_dict()
     info.pop("splits")
+    vae_model = None
+    if vae is not None:
+        vae_model = load_vae(vae, "cuda" if torch.cuda.is_available() else "cpu")
+        info["latent"] = latent_meta(vae_model, vae, info["height"], info["width"])
     meta = {**info, "splits": {}}
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
-        if any(old.get(k) != v for k, v in info.items()):
+        # "latent" too: latents of another VAE (or none) must not mix with these
+        if any(old.get(k) != info.get(k) for k in {*info, "latent"}):
             raise ValueError(f"{out} already holds shards of another dataset ({old.get('name')!r}, "
-                             f"{old.get('channels')}x{old.get('height')}x{old.get('width')}); "
+                             f"{old.get('channels')}x{old.get('height')}x{old.get('width')}, "
+                             f"latents: {old.get('latent', {}).get('vae', 'none')}); "
                              "use another --out directory")
         meta["splits"] = old.get("splits", {})
 
     paths = []
     for s in splits:
-        names, count = _write_split(src, out, s, shard_size, limit)
+        names, count = _write_split(src, out, s, shard_size, limit, vae_model, vae_batch)
         meta["splits"][s] = {"count": count, "skipped": getattr(src, "skipped", 0), "shards": names}
         paths += [str(out / n) for n in names]
         _write_json_atomic(meta_path, meta)
@@ -130,13 +161,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=None,
                         help="folder sources: resize the shorter side to S and center-crop SxS")
     parser.add_argument("--limit", type=int, default=None, help="at most N samples per split")
+    parser.add_argument("--vae", default=None, metavar="PATH",
+                        help="local diffusers AutoencoderKL folder: also store each image's latent "
+                             "(latent training; needs pip install flowpre[vae])")
 
 
 def run(args: argparse.Namespace) -> int:
     try:
         paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
-                             image_size=args.image_size, limit=args.limit)
-    except ValueError as e:  # bad source spec, split or sizes: a usage error, not a crash
+                             image_size=args.image_size, limit=args.limit, vae=getattr(args, "vae", None))
+    except (ValueError, FileNotFoundError, ImportError) as e:  # bad spec, sizes, VAE: usage errors
         raise SystemExit(f"flowpre shards: error: {e}") from None
     meta = json.loads((Path(args.out) / DATASET_JSON).read_text())
     written = {Path(p).name for p in paths}
@@ -145,5 +179,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{s}: {entry['count']} samples in {len(entry['shards'])} shards -> {args.out} "
                   f"({meta['name']}, {meta['channels']}x{meta['height']}x{meta['width']}, "
                   f"{meta['num_classes']} classes"
+                  + (", latents {channels}x{height}x{width}".format(**meta["latent"]) if "latent" in meta else "")
                   + (f", {entry['skipped']} unreadable files skipped)" if entry.get("skipped") else ")"))
     return 0

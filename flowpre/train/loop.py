@@ -18,6 +18,7 @@ from flowpre.images import save_grid
 from flowpre.models.dit import build_dit
 from flowpre.objectives import Nets, build
 from flowpre.sampling import euler_sample, seeded_noise
+from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import barrier, init_distributed
@@ -52,8 +53,9 @@ def build_model(cfg, dataset, step_levels=0):
 
 
 @torch.no_grad()
-def sample_grids(model, cfg, run_dir, step, device):
-    """One PNG per step count in `sample.steps`, classes cycling along each row."""
+def sample_grids(model, cfg, run_dir, step, device, vae=None):
+    """One PNG per step count in `sample.steps`, classes cycling along each row; latents
+    are decoded through the shards' VAE (outside autocast: VAEs misbehave in 16-bit)."""
     s = cfg.sample
     n, C, H = s.num_images, model.in_channels, model.image_size
     ncol = min(model.num_classes, 10) if model.num_classes <= 10 else 8
@@ -64,6 +66,7 @@ def sample_grids(model, cfg, run_dir, step, device):
         with autocast(precision(cfg, device), device):
             x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, model.null_class,
                              step_inputs=model.sampling_inputs)
+        x = decode(vae, x.float()) if vae is not None else x
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(x, path, ncol)
@@ -113,6 +116,7 @@ def train(cfg):
     teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
         if cfg.objective.teacher else None
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher, null_class=model.null_class)
+    vae = vae_for_dataset(dataset, device) if dist.is_main else None  # latent shards: decode samples
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
 
@@ -153,7 +157,7 @@ def train(cfg):
             report.log(record)
             meter.reset()
         if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
-            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device))
+            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
 
@@ -161,7 +165,7 @@ def train(cfg):
     last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
     weights = run_dir / "model.safetensors"
     if dist.is_main:
-        grids = sample_grids(ema.slow, cfg, run_dir, step, device)
+        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae)
         report.images(step, grids)
         export(run_dir, weights, ema="slow", checkpoint=last)
         trained = (step - start_step) * cfg.train.batch_size
