@@ -122,6 +122,11 @@ def main(argv=None):
     shards.add_arguments(p)
     p.set_defaults(func=cmd_shards)
 
+    p = sub.add_parser("eval", help="FD / FID of exported weights at several step counts")
+    from flowpre.eval import evaluate
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run)
+
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("what", choices=["kernels"])
     p.add_argument("--out", default="benchmarks/results/kernels.json")

@@ -22,6 +22,7 @@ import importlib.util
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,10 @@ class InceptionFeatures:
 
     def __init__(self, device="cpu"):
         self.device = torch.device(device)
-        self.net = torch.jit.load(str(inception_path()), map_location="cpu").to(self.device).eval()
+        with warnings.catch_warnings():
+            # torch 2.x deprecates TorchScript loading; the wheel ships TorchScript only.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.net = torch.jit.load(str(inception_path()), map_location="cpu").to(self.device).eval()
 
     def preprocess(self, x):
         x = x.to(self.device, torch.float32)

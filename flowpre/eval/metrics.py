@@ -119,7 +119,10 @@ def precision_recall(real, fake, k=3):
     neighbour. Precision: share of generated points inside the real manifold (are
     samples realistic?). Recall: share of real points inside the generated manifold
     (is the data's variety covered?). Both depend on the set sizes; compare runs at
-    equal sizes (the paper uses equal real and generated counts).
+    equal sizes (the paper uses equal real and generated counts). Precision is
+    generous where the real set has outliers, whose balls are wide: in the 128-d
+    classifier space, 500 pure-noise images score 0.97 precision (0.73 at 2,000) but
+    0 recall, so read it beside FD and recall, never alone.
     """
     precision = manifold_coverage(real, knn_radii(real, k), fake)
     recall = manifold_coverage(fake, knn_radii(fake, k), real)
