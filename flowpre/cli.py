@@ -4,7 +4,10 @@ import os
 import sys
 
 
-def _steps(text):
+def parse_steps(text):
+    """`--steps 1,4,32` (or a list already parsed) -> [1, 4, 32]; shared by sample and eval."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(s) for s in text)
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -107,7 +110,7 @@ def main(argv=None):
 
     p = sub.add_parser("sample", help="sample a grid from exported weights")
     p.add_argument("--weights", required=True)
-    p.add_argument("--steps", type=_steps, default=[1, 4, 32])
+    p.add_argument("--steps", type=parse_steps, default=[1, 4, 32])
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=10, help="samples per step count")
     p.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")

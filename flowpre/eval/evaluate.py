@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowpre.cli import parse_steps
 from flowpre.config import ConfigError
 
 METRICS = ("fd", "fid")
@@ -41,21 +42,9 @@ class EvalError(ConfigError):
     """Bad evaluation input (a ConfigError, so the CLI prints it as an error, not a traceback)."""
 
 
-def _steps(text):
-    if isinstance(text, (list, tuple)):
-        return [int(s) for s in text]
-    try:
-        steps = [int(s) for s in str(text).split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps expects comma-separated integers, got {text!r}")
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"--steps expects positive integers, got {text!r}")
-    return steps
-
-
 def add_arguments(p):
     p.add_argument("--weights", required=True, help="exported model (flowpre export)")
-    p.add_argument("--steps", type=_steps, default=list(DEFAULT_STEPS), help="comma-separated step counts")
+    p.add_argument("--steps", type=parse_steps, default=list(DEFAULT_STEPS), help="comma-separated step counts")
     p.add_argument("--metric", default="fd", help="fd (classifier features, Fashion-MNIST) or fid (InceptionV3)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images per step count")
     p.add_argument("--reference", default="fashion-mnist:test", help="real split: SOURCE[:train|test]")
@@ -76,7 +65,7 @@ def _with_defaults(args):
     add_arguments(p)
     full = vars(p.parse_args(["--weights", "-"]))
     full.update({k: v for k, v in vars(args).items() if v is not None or k not in full})
-    full["steps"] = _steps(full["steps"])
+    full["steps"] = parse_steps(full["steps"])
     return argparse.Namespace(**full)
 
 
