@@ -15,8 +15,16 @@ def test_parameter_counts_match_paper(size):
     assert abs(n / PAPER_PARAMS[size] - 1) < 0.01, n
 
 
-def test_registry_has_all_sizes_and_patches():
-    assert DIT_MODELS == [f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
+def test_registry_builds_the_papers_shapes():
+    # (depth, hidden, heads) from the DiT paper's Table 1
+    paper = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    assert len(DIT_MODELS) == 12
+    for name in DIT_MODELS:
+        size, patch = name[4:].split("/")
+        with torch.device("meta"):
+            m = build_dit(name, 4, 32, 1000)
+        assert (m.depth, m.hidden, m.heads, m.patch) == (*paper[size], int(patch))
+        assert m.grid ** 2 == (32 // int(patch)) ** 2 and len(m.blocks) == m.depth
 
 
 def test_xl2_forward_flops_match_paper():

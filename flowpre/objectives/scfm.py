@@ -25,19 +25,10 @@ import math
 
 import torch
 
-from flowpre.sampling import shift_sigma
+from flowpre.sampling import guided_velocity, shift_sigma
 
 from .base import FM, GROUPS, SC, Targets, drop_labels
 from .flow_matching import noise_like, sample_sigma
-
-
-def _guided(net, x, sigma, cond, null_class, scale):
-    """v_u + w (v_c - v_u) in one batched forward; plain v_c when scale == 1."""
-    if scale == 1.0:
-        return net(x, sigma, cond)
-    v = net(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, torch.full_like(cond, null_class)]))
-    v_cond, v_uncond = v.chunk(2)
-    return v_uncond + scale * (v_cond - v_uncond)
 
 
 class SCFM:
@@ -84,14 +75,14 @@ class SCFM:
         w, null = self.cfg.guidance_scale, nets.null_class
         v1_parts = []
         if n_teacher:
-            v1_parts.append(_guided(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w))
+            v1_parts.append(guided_velocity(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w))
         if n > n_teacher:
-            v1_parts.append(_guided(nets.ema_fast, x_a[n_teacher:], sigma_a[n_teacher:], cond[n_teacher:], null, w))
+            v1_parts.append(guided_velocity(nets.ema_fast, x_a[n_teacher:], sigma_a[n_teacher:], cond[n_teacher:], null, w))
         v1 = torch.cat(v1_parts).float()
         d1 = (sigma_a - sigma_mid).view(n, 1, 1, 1)
         d2 = (sigma_mid - sigma_next).view(n, 1, 1, 1)
         x_mid = x_a - d1 * v1
-        v2 = _guided(nets.ema_slow, x_mid, sigma_mid, cond, null, w).float()
+        v2 = guided_velocity(nets.ema_slow, x_mid, sigma_mid, cond, null, w).float()
         target = (d1 * v1 + d2 * v2) / (d1 + d2)
         return x_a, sigma_a, sigma_mid, sigma_next, target, N
 

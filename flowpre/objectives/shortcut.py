@@ -15,6 +15,8 @@ logged as loss_sc_l0 ... loss_sc_l6.
 """
 import torch
 
+from flowpre.sampling import guided_velocity
+
 from .base import FM, Targets, drop_labels
 from .flow_matching import noise_like, sample_sigma
 
@@ -42,14 +44,8 @@ class Shortcut:
         half = (d / 2).view(n, 1, 1, 1)
         w, null = self.cfg.guidance_scale, nets.null_class
 
-        def velocity(x, sigma):
-            fine = level + 1
-            if w == 1.0:
-                return nets.ema_slow(x, sigma, cond, step_level=fine).float()
-            v = nets.ema_slow(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                              torch.cat([cond, torch.full_like(cond, null)]), step_level=torch.cat([fine, fine])).float()
-            v_cond, v_uncond = v.chunk(2)
-            return v_uncond + w * (v_cond - v_uncond)
+        def velocity(x, sigma):  # the slow EMA one level finer, guided when w != 1
+            return guided_velocity(nets.ema_slow, x, sigma, cond, null, w, step_level=level + 1).float()
 
         v_a = velocity(x, sigma)
         v_b = velocity(x - half * v_a, sigma - d / 2)
