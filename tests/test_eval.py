@@ -253,3 +253,23 @@ def test_noise_bank_is_independent_of_batching():
     parts = torch.cat([evaluate.NoiseBank((1, 4, 4), seed=3).get(s, min(s + 300, 2100)) for s in range(0, 2100, 300)])
     torch.testing.assert_close(whole, parts, rtol=0, atol=0)
     assert not torch.equal(whole, evaluate.NoiseBank((1, 4, 4), seed=4).get(0, 2100))
+
+
+def test_eval_fd_and_fid_share_samples(tmp_path):
+    """`fd,fid` scores one set of samples with both metrics; --fid-samples keeps the first N."""
+    weights = _export_tiny(tmp_path / "tiny.safetensors")
+    common = dict(weights=str(weights), steps="1", num_samples=8, batch_size=3, ref_count=6,
+                  cache=str(tmp_path / "stats"))
+    both = evaluate.run(_args(metric="fd,fid", fid_samples=5, **common), log=lambda *a: None)
+    fd_only = evaluate.run(_args(metric="fd", **common), log=lambda *a: None)
+    fid_first5 = evaluate.run(_args(metric="fid", **{**common, "num_samples": 5}), log=lambda *a: None)
+    r = both["results"]["1"]
+    assert both["metrics"] == ["fd", "fid"] and both["fid_samples"] == 5
+    assert r["fd"] == pytest.approx(fd_only["results"]["1"]["fd"], rel=1e-6)
+    assert r["fid"] == pytest.approx(fid_first5["results"]["1"]["fid"], rel=1e-6)
+    all8 = evaluate.run(_args(metric="fid", **common), log=lambda *a: None)
+    assert all8["results"]["1"]["fid"] != pytest.approx(r["fid"], rel=1e-6)  # the cap really drops samples
+    with pytest.raises(evaluate.EvalError, match="--fid-samples must be between 2 and --num-samples"):
+        evaluate.run(_args(metric="fd,fid", fid_samples=9, **common), log=lambda *a: None)
+    with pytest.raises(evaluate.EvalError, match="unknown metric 'kid'"):
+        evaluate.run(_args(metric="fd,kid", **common), log=lambda *a: None)
