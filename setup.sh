@@ -6,6 +6,10 @@ cd "$(dirname "$0")"
 # torch first: the CPU wheel on these machines; on a GPU machine keep your CUDA build
 python3 -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
 pip install -q -e ".[dev]"
+# only for its CLIP BPE vocabulary file (flowpre/text.py); its dependencies (torchvision)
+# would pull another torch, and flowpre never imports open_clip itself
+python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('open_clip') is None)" \
+    || pip install -q --no-deps open-clip-torch
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
     SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
     $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \

@@ -31,7 +31,7 @@ def make_step(name, model_name, batch, device, size, channels, classes):
     model = build_dit(model_name, channels, size, classes, step_levels=objective.step_levels).to(device)
     ema = DualEma(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    nets = Nets(student=model, ema_fast=ema.fast, ema_slow=ema.slow, null_class=model.null_class)
+    nets = Nets(student=model, ema_fast=ema.fast, ema_slow=ema.slow, null_cond=model.null_class)
     gen = torch.Generator(device).manual_seed(0)
     x = torch.rand(batch, channels, size, size, device=device) * 2 - 1
     cond = torch.randint(0, classes, (batch,), device=device)

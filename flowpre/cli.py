@@ -49,12 +49,24 @@ def cmd_sample(args):
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, meta = load_model(args.weights, device)
     n, C, H = args.num, model.in_channels, model.image_size
-    cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
-        else torch.full((n,), args.label, device=device)
-    if cond.max() >= model.num_classes:
-        sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
+    if model.text_dim:  # caption-conditioned: the encoder folder recorded at export
+        from flowpre.text import TextEncoder
+
+        if not args.prompt:
+            sys.exit(f"{args.weights} is a text-conditioned model: give --prompt TEXT (repeatable)")
+        enc = meta["text_encoder"]
+        text = TextEncoder(enc["path"], enc["max_length"], device)
+        cond, null = text([args.prompt[i % len(args.prompt)] for i in range(n)]), text.null
+    else:
+        if args.prompt:
+            sys.exit(f"--prompt: {args.weights} is class-conditional; use --label")
+        cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
+            else torch.full((n,), args.label, device=device)
+        if cond.max() >= model.num_classes:
+            sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
+        null = model.null_class
     noise = seeded_noise((n, C, H, H), args.seed, device)
-    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, model.null_class,
+    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, null,
                          step_inputs=model.sampling_inputs) for s in args.steps]
     vae = vae_for_dataset(meta["dataset"], device)  # latent models decode through their shards' VAE
     rows = [decode(vae, r) for r in rows] if vae is not None else rows
@@ -114,6 +126,8 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=10, help="samples per step count")
     p.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="text models: a caption (repeatable; the samples cycle through them)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
     p.add_argument("--seed", type=int, default=0)

@@ -45,6 +45,9 @@ class ModelConfig:
     num_classes: int = _f(0, lo=0)
     kernels: str = _f("auto", choices=("auto", "triton", "torch"))
     init: str = _f("")  # start the student (and EMAs) from an exported .safetensors
+    # caption conditioning (flowpre/text.py): a local CLIP text model or T5 encoder folder
+    text_encoder: str = _f("")
+    text_max_length: int = _f(77, lo=1)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class SampleConfig:
     cfg_scale: float = _f(1.0, lo=0.0)
     num_images: int = _f(40, lo=1)
     seed: int = _f(0, lo=0)
+    prompts: list[str] = _f([])  # text models; empty = the captions of the first training samples
 
 
 @dataclass
@@ -172,6 +176,10 @@ def _coerce(value, typ, key, source):
         if value is None:
             return "none"
         raise bad("expected a string")
+    if typ == list[str]:
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise bad("expected a list of strings")
     if typ is list:
         if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             return list(value)

@@ -1,7 +1,8 @@
 """Export a run's weights to one safetensors file, and load such a file back.
 
 The file holds plain fp32 tensors and, in its metadata, the model config (and the
-dataset's shape and class names), so `flowpre sample` needs nothing else.
+dataset's shape and class names), so `flowpre sample` needs nothing else; text models
+record their frozen encoder's local path and max length, and need that folder too.
 """
 import json
 from pathlib import Path
@@ -44,7 +45,8 @@ def export(run_dir=None, out="model.safetensors", ema="slow", checkpoint=None):
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
     metadata = {"flowpre.model": json.dumps(meta["model"]), "flowpre.dataset": json.dumps(meta.get("dataset", {})),
                 "flowpre.objective": meta.get("objective", ""), "flowpre.step": str(meta["step"]),
-                "flowpre.weights": "student" if ema == "none" else f"ema_{ema}"}
+                "flowpre.weights": "student" if ema == "none" else f"ema_{ema}",
+                "flowpre.text_encoder": json.dumps(meta.get("text_encoder"))}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return Path(out), meta["step"]
@@ -57,7 +59,8 @@ def read_metadata(path):
         raise ValueError(f"{path} is not a flowpre export (no 'flowpre.model' metadata)")
     return {"model": json.loads(meta["flowpre.model"]), "dataset": json.loads(meta.get("flowpre.dataset", "{}")),
             "step": int(meta.get("flowpre.step", 0)), "weights": meta.get("flowpre.weights", ""),
-            "objective": meta.get("flowpre.objective", "")}
+            "objective": meta.get("flowpre.objective", ""),
+            "text_encoder": json.loads(meta.get("flowpre.text_encoder", "null"))}  # text models: path, max_length
 
 
 def load_model(path, device="cpu", kernels="auto"):

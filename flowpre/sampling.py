@@ -24,11 +24,17 @@ def time_grid(num_steps, shift=1.0, device=None, dtype=torch.float32):
     return shift_sigma(u, shift).to(dtype)
 
 
-def guided_velocity(model, x, sigma, cond, null_class, cfg_scale, **model_kwargs):
+def null_like(cond, null_cond):
+    """The null condition broadcast to cond's shape: a class id (int) for (B,) class ids,
+    or one sample's text encoding (tokens, dim) for (B, tokens, dim) text conditions."""
+    return torch.as_tensor(null_cond).to(device=cond.device, dtype=cond.dtype).expand_as(cond)
+
+
+def guided_velocity(model, x, sigma, cond, null_cond, cfg_scale, **model_kwargs):
     """v_u + w (v_c - v_u) on every channel; one batched forward for both halves."""
     if cfg_scale == 1.0:
         return model(x, sigma, cond, **model_kwargs)
-    null = torch.full_like(cond, null_class)
+    null = null_like(cond, null_cond)
     both = {k: torch.cat([v, v]) for k, v in model_kwargs.items()}
     v = model(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, null]), **both)
     v_cond, v_uncond = v.chunk(2)
@@ -36,20 +42,20 @@ def guided_velocity(model, x, sigma, cond, null_class, cfg_scale, **model_kwargs
 
 
 @torch.no_grad()
-def euler_sample(model, noise, cond, num_steps, shift=1.0, cfg_scale=1.0, null_class=None, step_inputs=None):
+def euler_sample(model, noise, cond, num_steps, shift=1.0, cfg_scale=1.0, null_cond=None, step_inputs=None):
     """Integrate from noise (sigma ~ 1) to data with `num_steps` Euler steps.
 
     model(x, sigma, cond, **kwargs) -> velocity; `step_inputs(num_steps, batch)` may
     return extra model inputs (the shortcut baseline's step-size level).
     """
-    if cfg_scale != 1.0 and null_class is None:
-        raise ValueError("classifier-free guidance needs the null class id")
+    if cfg_scale != 1.0 and null_cond is None:
+        raise ValueError("classifier-free guidance needs the null condition")
     sigmas = time_grid(num_steps, shift, device=noise.device, dtype=noise.dtype).clamp(max=SIGMA_MAX)
     kwargs = step_inputs(num_steps, noise.shape[0]) if step_inputs else {}
     x = noise
     for j in range(num_steps):
         sigma = sigmas[j].expand(x.shape[0])
-        v = guided_velocity(model, x, sigma, cond, null_class, cfg_scale, **kwargs)
+        v = guided_velocity(model, x, sigma, cond, null_cond, cfg_scale, **kwargs)
         x = x - (sigmas[j] - sigmas[j + 1]) * v.to(x.dtype)
     return x
 

@@ -15,7 +15,7 @@ def test_fm_targets_equal_hand_computed():
     x = torch.rand(7, 3, 5, 5) * 2 - 1
     cond = torch.randint(0, 4, (7,))
     g = torch.Generator().manual_seed(3)
-    t = objective({"x": x, "cond": cond}, Nets(student=None, null_class=4), g)
+    t = objective({"x": x, "cond": cond}, Nets(student=None, null_cond=4), g)
     # replay the generator by hand: sigma first, then eps
     g.manual_seed(3)
     sigma = torch.rand(7, generator=g)
@@ -32,7 +32,7 @@ def test_label_dropout_rate_and_null_class():
     objective = build(cfg)
     n = 20000
     x, cond = torch.randn(n, 1, 2, 2), torch.randint(0, 10, (n,))
-    t = objective({"x": x, "cond": cond}, Nets(student=None, null_class=10), torch.Generator().manual_seed(0))
+    t = objective({"x": x, "cond": cond}, Nets(student=None, null_cond=10), torch.Generator().manual_seed(0))
     dropped = t.cond == 10
     assert abs(dropped.float().mean().item() - 0.1) < 0.01
     assert torch.equal(t.cond[~dropped], cond[~dropped])
@@ -98,7 +98,7 @@ def test_cfg_is_applied_to_every_channel():
     cond = torch.tensor([0, 1, 2])
     noise = torch.randn(3, 3, 2, 2, dtype=torch.float64)
     w = 2.5
-    out = euler_sample(point_mass_field(mus), noise, cond, 5, cfg_scale=w, null_class=3)
+    out = euler_sample(point_mass_field(mus), noise, cond, 5, cfg_scale=w, null_cond=3)
     # guided field is the point-mass field of mu_u + w (mu_c - mu_u): exact on every channel
     torch.testing.assert_close(out, mus[3] + w * (mus[cond] - mus[3]), atol=1e-9, rtol=0)
 

@@ -33,7 +33,7 @@ def guided(net, x, sigma, cond, w):
 def run(B=400, seed=0, with_teacher=False, **overrides):
     cfg = dataclasses.replace(ObjectiveConfig(name="scfm"), **overrides)
     fast, slow, teach = affine_net(1), affine_net(2), affine_net(3)
-    nets = Nets(student=None, ema_fast=fast, ema_slow=slow, teacher=teach if with_teacher else None, null_class=10)
+    nets = Nets(student=None, ema_fast=fast, ema_slow=slow, teacher=teach if with_teacher else None, null_cond=10)
     x_data = torch.rand(B, 2, 3, 3, dtype=torch.float64) * 2 - 1
     cond = torch.randint(0, 10, (B,))
     t = build(cfg)({"x": x_data, "cond": cond}, nets, torch.Generator().manual_seed(seed))

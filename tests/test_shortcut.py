@@ -29,7 +29,7 @@ def test_shortcut_targets_levels_and_times():
     B = 8 * 300
     x_data = torch.rand(B, 2, 3, 3, dtype=torch.float64) * 2 - 1
     cond = torch.randint(0, 10, (B,))
-    t = objective({"x": x_data, "cond": cond}, Nets(student=None, ema_slow=ema, null_class=10),
+    t = objective({"x": x_data, "cond": cond}, Nets(student=None, ema_slow=ema, null_cond=10),
                   torch.Generator().manual_seed(0))
     level = t.extra_inputs["step_level"]
     fm, bs = t.group == 0, t.group > 0

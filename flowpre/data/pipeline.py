@@ -14,7 +14,7 @@ dataset (few shards) still splits exactly, at the price of each slot reading eve
 Either way, every sample is read by exactly one slot per epoch.
 
 Within a worker: read tar -> cheap header check (cls text, PNG header: mode and size vs
-the dataset) -> shuffle buffer (RNG seeded by seed, epoch, rank, slot) -> drop what
+the dataset; with has_captions in dataset.json, a string "caption" in the json) -> shuffle buffer (RNG seeded by seed, epoch, rank, slot) -> drop what
 earlier batches consumed (resume) -> decode PNG -> hflip (decided by a hash of seed,
 epoch, shard and key) -> batches of `batch_size`. In infinite mode batches run across
 epoch boundaries and are always full; in finite mode a worker's last batch may be short.
@@ -144,7 +144,8 @@ def read_dataset_info(shards: list[str]) -> dict:
     meta_path = Path(first).parent / "dataset.json"
     if not _is_remote(first) and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        info = {k: meta[k] for k in ("name", "num_classes", "class_names", "channels", "height", "width")
+        info = {k: meta[k] for k in ("name", "num_classes", "class_names", "channels", "height", "width",
+                                     "has_captions")
                 if k in meta}
         if "latent" in meta:
             shape = ("channels", "height", "width")
@@ -201,7 +202,7 @@ class ShardStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shards, batch_size, rank, world_size, num_workers, seed, hflip,
                  shuffle_buffer, epochs, start_batch, channels, height, width, num_classes=None,
-                 latent=False):
+                 latent=False, captions=False):
         super().__init__()
         self.shards, self.batch_size = list(shards), batch_size
         self.rank, self.world_size, self.workers = rank, world_size, max(1, num_workers)
@@ -210,6 +211,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shape = (channels, height, width)
         self.num_classes = num_classes
         self.latent = latent  # shape is then the latent's, and x comes from latent.npy
+        self.captions = captions  # batches carry "captions" from each sample's json
         self._valid: dict[str, np.ndarray] = {}  # shard -> which raw samples pass _problem
 
     def __iter__(self):
@@ -218,7 +220,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         worker = ((info.id if info else 0) + b) % W
         state = _WorkerState(worker)
         done = max(0, (b - worker + W - 1) // W)  # batches j < b with j % W == worker
-        xs, ys = [], []
+        xs, ys, caps = [], [], []
         for epoch, s in self._samples(state, skip=done * self.batch_size):
             x = self._decode(s, state)
             if x is None:
@@ -227,11 +229,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                 x = x[:, :, ::-1]
             xs.append(x)
             ys.append(s["cls"])
+            caps.append(s.get("caption"))
             if len(xs) == self.batch_size:
-                yield self._collate(xs, ys, state)
-                xs, ys = [], []
+                yield self._collate(xs, ys, caps, state)
+                xs, ys, caps = [], [], []
         if xs:  # only reached in finite mode
-            yield self._collate(xs, ys, state)
+            yield self._collate(xs, ys, caps, state)
 
     def _samples(self, state: _WorkerState, skip: int):
         """(epoch, raw sample) of this worker's slot, header-checked and shuffled, minus the
@@ -319,6 +322,14 @@ class ShardStream(torch.utils.data.IterableDataset):
             return f"bad cls {s['cls'][:20]!r}"
         if cls < 0 or (self.num_classes and cls >= self.num_classes):
             return f"cls {cls} outside 0..{self.num_classes - 1}"
+        if self.captions:
+            try:
+                caption = json.loads(s["json"])["caption"] if "json" in s else None
+            except (ValueError, TypeError, KeyError):
+                caption = None
+            if not isinstance(caption, str):
+                return "missing or unreadable caption (json 'caption')"
+            s["caption"] = caption
         if self.latent:  # a few KB: parse it all here, so decode never fails after a resume skip
             try:
                 s["latent"] = read_latent(s[LATENT_KEY], self.shape)
@@ -361,12 +372,15 @@ class ShardStream(torch.utils.data.IterableDataset):
                         s.get("__url__"), reason, self.rank, state.worker)
         return None
 
-    def _collate(self, xs, ys, state: _WorkerState) -> dict:
+    def _collate(self, xs, ys, caps, state: _WorkerState) -> dict:
         x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).float()
         if not self.latent:
             x = x.div_(127.5).sub_(1.0)
-        return {"x": x, "cond": torch.tensor(ys, dtype=torch.int64), "corrupt": state.corrupt,
-                "worker": state.worker}
+        batch = {"x": x, "cond": torch.tensor(ys, dtype=torch.int64), "corrupt": state.corrupt,
+                 "worker": state.worker}
+        if self.captions:
+            batch["captions"] = caps
+        return batch
 
 
 # ----------------------------------------------------------------------------- main process
@@ -401,7 +415,7 @@ class ShardLoader:
         self.dataset = ShardStream(shards, batch_size, rank, world_size, num_workers, seed, hflip,
                                    shuffle_buffer, epochs, start_batch, self.info["channels"],
                                    self.info["height"], self.info["width"], self.info.get("num_classes"),
-                                   latent="latent" in self.info)
+                                   latent="latent" in self.info, captions=bool(self.info.get("has_captions")))
         extra = {"persistent_workers": True, "prefetch_factor": prefetch_factor} if num_workers else {}
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
                                                   pin_memory=torch.cuda.is_available(), **extra)

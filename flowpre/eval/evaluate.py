@@ -230,6 +230,9 @@ class FIDMetric:
 # ----------------------------------------------------------------------------- driver
 
 def _check_shapes(model, meta, args, ref_info, log):
+    if model.text_dim:
+        raise EvalError(f"{args.weights} is caption-conditioned; flowpre eval scores class-conditional and "
+                        f"unconditional models (sample it with flowpre sample --prompt)")
     made = (model.in_channels, model.image_size, model.image_size)
     ref = (ref_info["channels"], ref_info["height"], ref_info["width"])
     if made != ref:

@@ -1,8 +1,11 @@
 """Diffusion Transformer (DiT) with adaLN-Zero conditioning, predicting flow velocity.
 
 Read top to bottom: embedders, the block, the final layer, the model, the size registry.
-The model sees (x_sigma, sigma, class id) and nothing else; sigma in [0, 1] is scaled
+The model sees (x_sigma, sigma, condition) and nothing else; sigma in [0, 1] is scaled
 by 1000 for the sinusoidal embedder (the range its frequencies were designed for).
+The condition is a class id, or for text models (text_dim > 0) the frozen text
+encoder's output [pooled; tokens] (flowpre/text.py): the pooled vector joins the adaLN
+conditioning, the token states are attended to by a cross-attention in every block.
 
 Every LayerNorm + modulate, residual gate and attention call goes through
 flowpre.kernels so that one switch (`kernels`: auto | triton | torch) picks the fused
@@ -48,6 +51,19 @@ class LabelEmbedder(nn.Module):
         return self.table(labels)
 
 
+class TextEmbedder(nn.Module):
+    """[pooled; tokens] (B, 1+L, text_dim) -> adaLN vector (B, hidden), context (B, L, hidden)."""
+
+    def __init__(self, text_dim, hidden):
+        super().__init__()
+        self.pooled = nn.Sequential(nn.Linear(text_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.context = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(approximate="tanh"),
+                                     nn.Linear(hidden, hidden))
+
+    def forward(self, text):
+        return self.pooled(text[:, 0]), self.context(text[:, 1:])
+
+
 def sincos_pos_embed(hidden, grid):
     """Fixed 2-D sin-cos position embedding, (grid*grid, hidden)."""
     def one_axis(dim, pos):
@@ -77,6 +93,24 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
+class CrossAttention(nn.Module):
+    """Image tokens (B, N, C) attend to the text context (B, L, C). torch SDPA, not
+    flowpre.kernels.attention: that kernel takes N_q = N_kv only, and with L << N this
+    layer is a small share of the block's time."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.proj = nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(hidden, hidden)
+
+    def forward(self, x, context):
+        B, N, C = x.shape
+        q = self.q(x).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)  # (B, H, N, D)
+        kv = self.kv(context).reshape(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, H, N, D)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
 class Mlp(nn.Module):
     def __init__(self, hidden, ratio=4.0):
         super().__init__()
@@ -91,13 +125,20 @@ class DiTBlock(nn.Module):
     """adaLN-Zero block: the conditioning sets shift/scale/gate of both sub-layers, and
     the gates start at zero so every block starts as the identity."""
 
-    def __init__(self, hidden, heads, mlp_ratio=4.0):
+    def __init__(self, hidden, heads, mlp_ratio=4.0, cross_attention=False):
         super().__init__()
         self.attn = Attention(hidden, heads)
         self.mlp = Mlp(hidden, mlp_ratio)
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        # Text models: cross-attention first, so the fused residual + LayerNorm between
+        # self-attention and MLP stays one kernel. Its output projection starts at zero
+        # (set in DiT.initialize), keeping the block an identity at initialisation.
+        self.cross = CrossAttention(hidden, heads) if cross_attention else None
+        self.cross_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6) if cross_attention else None
 
-    def forward(self, x, c, backend):  # x (B, N, C), c (B, C)
+    def forward(self, x, c, backend, context=None):  # x (B, N, C), c (B, C), context (B, L, C)
+        if self.cross is not None:
+            x = x + self.cross(self.cross_norm(x), context)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (B, C)
         h = K.adaln_modulate(x, shift1, scale1, backend=backend)
         # residual of the attention branch fused with the MLP branch's LayerNorm + modulate
@@ -121,7 +162,7 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
-                 num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0):
+                 num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0, text_dim=0, text_tokens=0):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by the patch size {patch}")
@@ -131,22 +172,24 @@ class DiT(nn.Module):
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
         self.step_levels = step_levels
+        self.text_dim, self.text_tokens = text_dim, text_tokens  # text models: cond is (B, text_tokens, text_dim)
         self.activation_checkpointing = False  # set by the engine (train.activation_checkpointing)
         self.grid = image_size // patch
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
         self.t_embed = TimestepEmbedder(hidden)
-        self.y_embed = LabelEmbedder(num_classes, hidden)
+        self.y_embed = TextEmbedder(text_dim, hidden) if text_dim else LabelEmbedder(num_classes, hidden)
         # step-size input d = 2^-level, only for the Shortcut Models baseline
         self.d_embed = nn.Embedding(step_levels, hidden) if step_levels else None
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, bool(text_dim)) for _ in range(depth)])
         self.final = FinalLayer(hidden, patch, self.out_channels)
         self.initialize()
 
     @property
     def null_class(self):
-        return self.num_classes
+        """The CFG null condition of class models; text models take the encoder's (TextEncoder.null)."""
+        return None if self.text_dim else self.num_classes
 
     def initialize(self):
         def xavier(m):
@@ -157,7 +200,8 @@ class DiT(nn.Module):
         w = self.patch_embed.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
-        nn.init.normal_(self.y_embed.table.weight, std=0.02)
+        if not self.text_dim:
+            nn.init.normal_(self.y_embed.table.weight, std=0.02)
         if self.d_embed is not None:
             nn.init.normal_(self.d_embed.weight, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
@@ -166,6 +210,9 @@ class DiT(nn.Module):
         for block in self.blocks:
             nn.init.zeros_(block.ada[-1].weight)
             nn.init.zeros_(block.ada[-1].bias)
+            if block.cross is not None:
+                nn.init.zeros_(block.cross.proj.weight)
+                nn.init.zeros_(block.cross.proj.bias)
         for lin in (self.final.ada[-1], self.final.linear):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
@@ -176,23 +223,31 @@ class DiT(nn.Module):
         return x.reshape(B, C, g * p, g * p)
 
     def forward(self, x, sigma, cond, step_level=None):
-        """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids -> velocity (B, C, H, W).
+        """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids or, for text models,
+        (B, text_tokens, text_dim) encoder output -> velocity (B, C, H, W).
 
         step_level (B,) int: d = 2^-level, for models built with step_levels > 0 only."""
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (B, N, hidden)
-        c = self.t_embed(sigma) + self.y_embed(cond)  # (B, hidden)
+        context = None
+        if self.text_dim:
+            if cond.shape[1:] != (self.text_tokens, self.text_dim):
+                raise ValueError(f"text DiT expects cond (B, {self.text_tokens}, {self.text_dim}), got {tuple(cond.shape)}")
+            pooled, context = self.y_embed(cond.to(h.dtype))  # (B, hidden), (B, L, hidden)
+            c = self.t_embed(sigma) + pooled
+        else:
+            c = self.t_embed(sigma) + self.y_embed(cond)  # (B, hidden)
         if (self.d_embed is None) != (step_level is None):
             raise ValueError("step_level must be given exactly when the model has a step-size embedder")
         if self.d_embed is not None:
             c = c + self.d_embed(step_level)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, self.kernels, use_reentrant=False)
+                h = checkpoint(block, h, c, self.kernels, context, use_reentrant=False)
             else:
-                h = block(h, c, self.kernels)
+                h = block(h, c, self.kernels, context)
         return self.unpatchify(self.final(h, c, self.kernels))
 
     def forward_flops(self):
@@ -201,11 +256,18 @@ class DiT(nn.Module):
         Per block and token: qkv 3h^2, proj h^2, MLP 2*r*h^2 multiply-adds; attention
         2*N*h (scores and values). Plus patch embedding, final layer and the per-image
         conditioning MLPs. Elementwise work is left out, as is usual for MFU.
+        Text models add per block q and output projections (2 N h^2), k/v of the L context
+        tokens (2 L h^2) and attention 2 N L h, plus the context and pooled MLPs
+        ((L + 1) (t h + h^2)); the frozen text encoder runs once per batch and is not counted.
         """
         N, h, r, d = self.grid ** 2, self.hidden, self.mlp_ratio, self.depth
         per_block = N * (4 + 2 * r) * h * h + 2 * N * N * h + 6 * h * h
         patch_io = N * h * self.patch ** 2 * (self.in_channels + self.out_channels)
         cond = 256 * h + h * h + 2 * h * h
+        if self.text_dim:
+            L, t = self.text_tokens - 1, self.text_dim
+            per_block += 2 * N * h * h + 2 * L * h * h + 2 * N * L * h
+            cond += (L + 1) * (t * h + h * h)
         return 2 * (d * per_block + patch_io + cond)
 
     def sampling_inputs(self, num_steps, batch):
@@ -218,7 +280,8 @@ class DiT(nn.Module):
     def config(self):
         return {"in_channels": self.in_channels, "image_size": self.image_size, "patch": self.patch,
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
-                "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels}
+                "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels,
+                "text_dim": self.text_dim, "text_tokens": self.text_tokens}
 
 
 # --- sizes ------------------------------------------------------------------------------
@@ -228,7 +291,7 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)]
 
 
-def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0):
+def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0, text_dim=0, text_tokens=0):
     """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
     try:
         size, patch = name.removeprefix("DiT-").split("/")
@@ -240,4 +303,4 @@ def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_l
     except ValueError:
         raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
     return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels,
-               step_levels=step_levels)
+               step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens)

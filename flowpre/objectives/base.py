@@ -2,8 +2,8 @@
 
     targets = objective(batch, nets, generator)
 
-batch:  {"x": (B, C, H, W) data in [-1, 1], "cond": (B,) class ids}
-nets:   Nets(student, ema_fast, ema_slow, teacher, null_class); each network is a
+batch:  {"x": (B, C, H, W) data in [-1, 1], "cond": (B,) class ids or (B, T, D) text encodings}
+nets:   Nets(student, ema_fast, ema_slow, teacher, null_cond); each network is a
         callable (x, sigma, cond, **extra) -> velocity, so tests can pass analytic fields
 Each objective also names its loss groups (`groups`, group 0 is always "fm"; names
 starting with "sc" are summed into loss_sc) and the step-size levels its DiT needs
@@ -25,14 +25,14 @@ class Nets:
     ema_fast: Optional[Callable] = None
     ema_slow: Optional[Callable] = None
     teacher: Optional[Callable] = None
-    null_class: Optional[int] = None
+    null_cond: object = None  # the CFG null condition: a class id, or a (T, D) text encoding
 
 
 @dataclass
 class Targets:
     x: torch.Tensor  # (B, C, H, W) network input
     sigma: torch.Tensor  # (B,)
-    cond: torch.Tensor  # (B,) after label dropout
+    cond: torch.Tensor  # (B,) or (B, T, D), after label dropout
     target: torch.Tensor  # (B, C, H, W) velocity to regress
     weight: torch.Tensor  # (B,)
     group: torch.Tensor  # (B,) int64, index into GROUPS
@@ -42,11 +42,13 @@ class Targets:
     sigma_next: Optional[torch.Tensor] = None  # (B,) end of the student's jump
 
 
-def drop_labels(cond, prob, null_class, generator):
-    """Replace each class id by the null class with probability `prob` (trains CFG)."""
+def drop_labels(cond, prob, null_cond, generator):
+    """Replace each sample's condition by the null condition with probability `prob` (trains CFG)."""
+    from flowpre.sampling import null_like
+
     if prob == 0:
         return cond
-    if null_class is None:
-        raise ValueError("label dropout needs nets.null_class")
-    drop = torch.rand(cond.shape, device=cond.device, generator=generator) < prob
-    return torch.where(drop, torch.full_like(cond, null_class), cond)
+    if null_cond is None:
+        raise ValueError("label dropout needs nets.null_cond")
+    drop = torch.rand(cond.shape[:1], device=cond.device, generator=generator) < prob
+    return torch.where(drop.view(-1, *[1] * (cond.ndim - 1)), null_like(cond, null_cond), cond)

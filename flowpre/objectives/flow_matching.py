@@ -42,7 +42,7 @@ class FlowMatching:
         return Targets(
             x=(1 - s) * x_data + s * eps,
             sigma=sigma,
-            cond=drop_labels(cond, self.cfg.cond_drop_prob, nets.null_class, generator),
+            cond=drop_labels(cond, self.cfg.cond_drop_prob, nets.null_cond, generator),
             target=eps - x_data,
             weight=torch.ones(B, device=x_data.device),
             group=torch.full((B,), FM, device=x_data.device, dtype=torch.long),

@@ -72,7 +72,7 @@ class SCFM:
         sigma_a, sigma_mid, sigma_next, N = self.grid_points(n, x_data.device, generator, n_teacher)
         s = sigma_a.view(n, 1, 1, 1)
         x_a = (1 - s) * x_data + s * eps
-        w, null = self.cfg.guidance_scale, nets.null_class
+        w, null = self.cfg.guidance_scale, nets.null_cond
         v1_parts = []
         if n_teacher:
             v1_parts.append(guided_velocity(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w))
@@ -101,7 +101,7 @@ class SCFM:
         s = sigma.view(B, 1, 1, 1)
         x = (1 - s) * x_data + s * eps
         target = eps - x_data
-        dropped = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_class, generator)
+        dropped = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_cond, generator)
         group = torch.full((B,), FM, device=device, dtype=torch.long)
         sigma_mid, sigma_next = sigma.clone(), sigma.clone()
         info = {}

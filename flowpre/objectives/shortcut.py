@@ -42,7 +42,7 @@ class Shortcut:
         s = sigma.view(n, 1, 1, 1)
         x = (1 - s) * x_data + s * eps
         half = (d / 2).view(n, 1, 1, 1)
-        w, null = self.cfg.guidance_scale, nets.null_class
+        w, null = self.cfg.guidance_scale, nets.null_cond
 
         def velocity(x, sigma):  # the slow EMA one level finer, guided when w != 1
             return guided_velocity(nets.ema_slow, x, sigma, cond, null, w, step_level=level + 1).float()
@@ -62,7 +62,7 @@ class Shortcut:
         eps = noise_like(x_data, generator)
         s = sigma.view(B, 1, 1, 1)
         x, target = (1 - s) * x_data + s * eps, eps - x_data
-        cond_out = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_class, generator)
+        cond_out = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_cond, generator)
         level = torch.full((B,), FINEST, device=device, dtype=torch.long)
         group = torch.full((B,), FM, device=device, dtype=torch.long)
         sigma_next = sigma.clone()

@@ -5,19 +5,22 @@ The loop knows nothing about any objective: it asks the objective for targets,
 regresses the student onto them with the fused flow loss, steps the DeepSpeed engine,
 updates the fp32 EMAs, and logs / samples / checkpoints on schedule.
 """
+import json
+import tarfile
 import time
 from pathlib import Path
 
 import torch
 
 from flowpre import kernels as K
-from flowpre.config import save_config
+from flowpre.config import ConfigError, save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
 from flowpre.export import export, load_model
 from flowpre.images import save_grid
 from flowpre.models.dit import build_dit
 from flowpre.objectives import Nets, build
 from flowpre.sampling import euler_sample, seeded_noise
+from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -39,8 +42,9 @@ def fill_model_shape(cfg, dataset=None):
     m.num_classes = m.num_classes or dataset["num_classes"]
 
 
-def build_model(cfg, dataset, step_levels=0):
-    """The student; shape keys left at 0 in the config are filled from the dataset."""
+def build_model(cfg, dataset, step_levels=0, text=None):
+    """The student; shape keys left at 0 in the config are filled from the dataset.
+    With a text encoder the DiT takes its (B, 1 + L, dim) output instead of class ids."""
     fill_model_shape(cfg, dataset)
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
@@ -49,22 +53,49 @@ def build_model(cfg, dataset, step_levels=0):
         if model.step_levels != step_levels:
             raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         return model.train()
-    return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels)
+    return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
+                     text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0)
+
+
+def build_text_encoder(cfg, dataset, device):
+    """The frozen caption encoder when model.text_encoder is set (None otherwise)."""
+    if not cfg.model.text_encoder:
+        return None
+    if not dataset.get("has_captions"):
+        raise ConfigError(f"model.text_encoder is set but the shards {cfg.data.shards!r} carry no captions "
+                          f"(their dataset.json lacks has_captions; write them with a captioned source)")
+    return TextEncoder(cfg.model.text_encoder, cfg.model.text_max_length, device)
+
+
+def sample_prompts(cfg, shards):
+    """sample.prompts cycled to sample.num_images, or the first training captions."""
+    n, prompts = cfg.sample.num_images, list(cfg.sample.prompts)
+    if not prompts:
+        for shard in shards:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if member.name.endswith(".json") and len(prompts) < n:
+                        prompts.append(json.loads(tar.extractfile(member).read())["caption"])
+            if len(prompts) >= n:
+                break
+    return [prompts[i % len(prompts)] for i in range(n)]
 
 
 @torch.no_grad()
-def sample_grids(model, cfg, run_dir, step, device, vae=None):
-    """One PNG per step count in `sample.steps`, classes cycling along each row; latents
-    are decoded through the shards' VAE (outside autocast: VAEs misbehave in 16-bit)."""
+def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None):
+    """One PNG per step count in `sample.steps`, classes cycling along each row (text
+    models: one prompt per image); latents are decoded through the shards' VAE (outside
+    autocast: VAEs misbehave in 16-bit)."""
     s = cfg.sample
     n, C, H = s.num_images, model.in_channels, model.image_size
-    ncol = min(model.num_classes, 10) if model.num_classes <= 10 else 8
-    cond = torch.arange(n, device=device) % model.num_classes
+    ncol = min(model.num_classes, 10) if model.num_classes <= 10 and not text else 8
+    cond = text(prompts) if text else torch.arange(n, device=device) % model.num_classes
+    null = text.null if text else model.null_class
     noise = seeded_noise((n, C, H, H), s.seed, device)
     paths = []
     for steps in s.steps:
         with autocast(precision(cfg, device), device):
-            x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, model.null_class,
+            x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, null,
                              step_inputs=model.sampling_inputs)
         x = decode(vae, x.float()) if vae is not None else x
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
@@ -80,7 +111,8 @@ def train(cfg):
     device, run_dir = dist.device, Path(cfg.run.dir)
     dataset = read_dataset_info(shards)
     objective = build(cfg.objective)
-    model = build_model(cfg, dataset, objective.step_levels).to(device)
+    text = build_text_encoder(cfg, dataset, device)
+    model = build_model(cfg, dataset, objective.step_levels, text).to(device)
     ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
     engine, ds = build_engine(cfg, model, dist.world_size)
     zero3, micro = cfg.deepspeed.zero_stage == 3, ds["train_micro_batch_size_per_gpu"]
@@ -115,14 +147,17 @@ def train(cfg):
     # distillation mode: a frozen exported model supplies part of the targets
     teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
         if cfg.objective.teacher else None
-    nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher, null_class=model.null_class)
+    nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher,
+                null_cond=text.null if text else model.null_class)
     vae = vae_for_dataset(dataset, device) if dist.is_main else None  # latent shards: decode samples
+    prompts = sample_prompts(cfg, shards) if text and dist.is_main else None
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name}
+                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name,
+                "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id}
@@ -133,7 +168,8 @@ def train(cfg):
         for _ in range(cfg.train.grad_accum):
             batch = next(batch_iter)
             batches += 1
-            x, cond = batch["x"].to(device, non_blocking=True), batch["cond"].to(device, non_blocking=True)
+            x = batch["x"].to(device, non_blocking=True)
+            cond = text(batch["captions"]) if text else batch["cond"].to(device, non_blocking=True)
             with autocast(mode, device):
                 t = objective({"x": x, "cond": cond}, nets, generator)
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
@@ -157,7 +193,7 @@ def train(cfg):
             report.log(record)
             meter.reset()
         if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
-            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae))
+            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
 
@@ -165,7 +201,7 @@ def train(cfg):
     last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
     weights = run_dir / "model.safetensors"
     if dist.is_main:
-        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae)
+        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
         report.images(step, grids)
         export(run_dir, weights, ema="slow", checkpoint=last)
         trained = (step - start_step) * cfg.train.batch_size

@@ -48,8 +48,16 @@ def make_plan(cfg, world_size):
         raise ConfigError("--plan needs model.in_channels, model.image_size and model.num_classes "
                           "(or shards with a dataset.json to read them from)")
     import torch
+    text_dim = 0
+    if m.text_encoder:  # the cross-attention's size comes from the encoder's config; no weights loaded
+        import json
+        from pathlib import Path
+
+        enc = json.loads((Path(m.text_encoder) / "config.json").read_text())
+        text_dim = enc.get("hidden_size") or enc.get("d_model") or enc.get("text_config", {}).get("hidden_size", 0)
     with torch.device("meta"):
-        model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes)
+        model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, text_dim=text_dim,
+                          text_tokens=1 + m.text_max_length if text_dim else 0)
     params = sum(p.numel() for p in model.parameters())
     per_step = cfg.train.grad_accum * world_size
     if cfg.train.batch_size % per_step:
