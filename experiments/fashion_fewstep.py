@@ -2,7 +2,7 @@
 
     python experiments/fashion_fewstep.py                 # the CPU-sized run (~1.5 h on 2 cores)
     python experiments/fashion_fewstep.py --scale gpu     # bigger model, longer, more samples
-    python experiments/fashion_fewstep.py --variant scfm_fm50=scfm:objective.fm_fraction=0.5
+    python experiments/fashion_fewstep.py --variant scfm_fm50=scfm:objective.fm_fraction=0.5 --no-fid
 
 For each objective: train from configs/experiments/fashion_<objective>.yaml (the three
 differ only in objective.name), export the slow EMA, then `flowpre eval` on the test
@@ -214,6 +214,7 @@ def main(argv=None):
     p.add_argument("--variant", type=parse_variant, action="append", default=[])
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--fid-steps", default="1,4,128")
+    p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--runs", default="runs/experiments")
     p.add_argument("--out", default="docs/results")
@@ -221,7 +222,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from flowpre.cli import parse_steps
 
-    args.steps, args.fid_steps = parse_steps(args.steps), parse_steps(args.fid_steps)
+    args.steps, args.fid_steps = parse_steps(args.steps), [] if args.no_fid else parse_steps(args.fid_steps)
     os.chdir(ROOT)
     log = lambda msg: print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
     if not Path("data/fashion-mnist/dataset.json").exists():

@@ -65,6 +65,7 @@ class ObjectiveConfig:
     shift_min: float = _f(2.5, lo=1e-3)
     shift_max: float = _f(4.5, lo=1e-3)
     guidance_scale: float = _f(1.0, lo=0.0)  # 1 = no guidance distillation
+    step_conditioning: bool = _f(False)  # METHOD.md section 7: SCFM with a step-size input (scfm.py)
     teacher: str = _f("")  # distillation mode: a frozen exported .safetensors
     teacher_fraction: float = _f(0.4, lo=0.0, hi=1.0)
     teacher_grid: int = _f(32, lo=2)

@@ -125,3 +125,51 @@ def test_bad_settings_raise():
         build(ObjectiveConfig(name="scfm", shift_min=5.0, shift_max=2.0))
     with pytest.raises(ValueError, match="teacher"):
         run(B=10, with_teacher=False, teacher="t.safetensors")
+
+
+def test_step_conditioned_variant_levels_and_targets():
+    """objective.step_conditioning: student level log2(N) - 1 for SC, the top level for FM;
+    the EMAs see the fine steps at min(log2 N, top); the chord formula is unchanged."""
+    seen = {}
+
+    def leveled(seed, name):
+        base = affine_net(seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        per_level = torch.randn(5, 2, generator=g)
+
+        def net(x, sigma, cond, step_level):
+            seen[name] = (sigma, step_level)
+            return base(x, sigma, cond) + per_level[step_level].view(-1, 2, 1, 1).to(x.dtype)
+        return net
+
+    cfg = dataclasses.replace(ObjectiveConfig(name="scfm"), step_conditioning=True, n_max=16, cond_drop_prob=0.0)
+    obj = build(cfg)
+    assert obj.step_levels == 5
+    fast, slow = leveled(1, "fast"), leveled(2, "slow")
+    nets = Nets(student=None, ema_fast=fast, ema_slow=slow, null_cond=10)
+    B = 300
+    x_data = torch.rand(B, 2, 3, 3, dtype=torch.float64) * 2 - 1
+    cond = torch.randint(0, 10, (B,))
+    t = obj({"x": x_data, "cond": cond}, nets, torch.Generator().manual_seed(0))
+    level, sc = t.extra_inputs["step_level"], t.group == SC
+    assert (level[~sc] == 4).all()
+    # the SC grid size is recoverable from the jump: N = 2 / (u_a - u_{a+2}) on the uniform-in-u grid;
+    # check instead that the student level + 1 is the EMAs' fine level (capped at the top level)
+    assert set(level[sc].tolist()) == {0, 1, 2, 3}
+    # the EMA calls are in the SC sub-batch's own order: match samples by their midpoint sigma
+    sigma_seen, fine_seen = seen["slow"]
+    order_seen, order_t = sigma_seen.argsort(), t.sigma_mid[sc].argsort()
+    torch.testing.assert_close(sigma_seen[order_seen], t.sigma_mid[sc][order_t], rtol=0, atol=0)
+    fine = torch.empty_like(fine_seen)
+    fine[order_t] = fine_seen[order_seen]  # in batch order
+    torch.testing.assert_close(fine, (level[sc] + 1).clamp(max=4), rtol=0, atol=0)
+    # the chord target with those levels
+    sa, sm, sn = t.sigma[sc], t.sigma_mid[sc], t.sigma_next[sc]
+    x_a, c = t.x[sc], t.cond[sc]
+    v1 = fast(x_a, sa, c, fine)
+    x_mid = x_a - (sa - sm).view(-1, 1, 1, 1) * v1
+    v2 = slow(x_mid, sm, c, fine)
+    d1, d2 = (sa - sm).view(-1, 1, 1, 1), (sm - sn).view(-1, 1, 1, 1)
+    torch.testing.assert_close(t.target[sc], (d1 * v1 + d2 * v2) / (d1 + d2), rtol=1e-5, atol=1e-6)  # fp32 EMA outputs
+    with pytest.raises(ValueError, match="step_conditioning cannot be combined"):
+        build(dataclasses.replace(cfg, teacher="t.safetensors"))

@@ -140,12 +140,15 @@ def test_quickstart_short(tmp_path):
     assert grid.size[0] > grid.size[1] > 28  # 2 rows of 5
 
 
-@pytest.mark.parametrize("objective", ["scfm", "shortcut"])
+@pytest.mark.parametrize("objective", ["scfm", "shortcut", "scfm_step"])
 def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
-    """`flowpre train --config configs/quickstart.yaml objective.name=...` runs and logs both losses."""
+    """`flowpre train --config configs/quickstart.yaml objective.name=...` runs and logs both losses
+    (scfm_step: the step-size-conditioned SCFM variant)."""
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / objective
-    train(run, digits, f"objective.name={objective}", "model.name=DiT-2x48x2/4", "train.max_steps=8",
+    name = [f"objective.name={objective}"] if objective != "scfm_step" else \
+        ["objective.name=scfm", "objective.step_conditioning=true"]
+    train(run, digits, *name, "model.name=DiT-2x48x2/4", "train.max_steps=8",
           "train.batch_size=16", "train.log_every=4", "train.checkpoint_every=8", "sample.every=0",
           "sample.steps=[1,2,4,32]", "sample.num_images=4", "sample.shift=3.0", "data.num_workers=0",
           config=root / "configs" / "quickstart.yaml")
@@ -157,6 +160,8 @@ def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
         assert all(r["sc_grid_mean"] >= 2 for r in m)
     for n in (1, 2, 4, 32):
         assert (run / "samples" / f"step0000008_n{n}.png").is_file()
+    if objective == "scfm_step":  # levels 0..log2(n_max): the export carries the step-size embedder
+        assert weights(run / "model.safetensors")["d_embed.weight"].shape[0] == 5
     flowpre("sample", "--weights", str(run / "model.safetensors"), "--steps", "1,4", "--out", str(tmp_path / "g.png"))
 
 

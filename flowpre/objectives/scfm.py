@@ -20,6 +20,13 @@ Choices where METHOD.md is silent (each a config key):
   samples keep their true class and regress the guided chord.
 - `n_weighting` = uniform (METHOD.md) or `small`, which weights grid size 2^k by 1/k to
   spend more of the batch on long jumps (the weak 1-step regime of METHOD.md section 7).
+- `step_conditioning` (METHOD.md section 7's variant for models trained from scratch): the
+  DiT gets a step-size input with levels 0 .. log2(n_max). Level l < log2(n_max) means
+  "jump on a grid of 2^l steps"; the top level means "fine / flow matching". The student's
+  SC jump spans two cells of a grid of N, i.e. one cell of N/2: level log2(N) - 1. The
+  EMAs take the fine steps of grid N at level min(log2 N, top). FM samples train the top
+  level. A sampler of N steps feeds min(log2 N, top) (DiT.sampling_inputs), so N >= n_max
+  samples with the flow-matching level. Not combined with a teacher (which has no levels).
 """
 import math
 
@@ -33,10 +40,13 @@ from .flow_matching import noise_like, sample_sigma
 
 class SCFM:
     groups = GROUPS
-    step_levels = 0
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self.step_levels = int(math.log2(cfg.n_max)) + 1 if cfg.step_conditioning else 0
+        if cfg.step_conditioning and cfg.teacher:
+            raise ValueError("objective.step_conditioning cannot be combined with objective.teacher: "
+                             "the teacher has no step-size input")
         if cfg.n_max < 2 or cfg.n_max & (cfg.n_max - 1):
             raise ValueError(f"objective.n_max must be a power of two >= 2, got {cfg.n_max}")
         if cfg.shift_min > cfg.shift_max:
@@ -73,16 +83,20 @@ class SCFM:
         s = sigma_a.view(n, 1, 1, 1)
         x_a = (1 - s) * x_data + s * eps
         w, null = self.cfg.guidance_scale, nets.null_cond
+        fine = {}  # step-conditioned: the EMAs take the fine steps at level min(log2 N, top)
+        if self.step_levels:
+            fine = {"step_level": torch.log2(N).round().long().clamp(max=self.step_levels - 1)}
         v1_parts = []
         if n_teacher:
             v1_parts.append(guided_velocity(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w))
         if n > n_teacher:
-            v1_parts.append(guided_velocity(nets.ema_fast, x_a[n_teacher:], sigma_a[n_teacher:], cond[n_teacher:], null, w))
+            v1_parts.append(guided_velocity(nets.ema_fast, x_a[n_teacher:], sigma_a[n_teacher:], cond[n_teacher:], null, w,
+                                            **{k: v[n_teacher:] for k, v in fine.items()}))
         v1 = torch.cat(v1_parts).float()
         d1 = (sigma_a - sigma_mid).view(n, 1, 1, 1)
         d2 = (sigma_mid - sigma_next).view(n, 1, 1, 1)
         x_mid = x_a - d1 * v1
-        v2 = guided_velocity(nets.ema_slow, x_mid, sigma_mid, cond, null, w).float()
+        v2 = guided_velocity(nets.ema_slow, x_mid, sigma_mid, cond, null, w, **fine).float()
         target = (d1 * v1 + d2 * v2) / (d1 + d2)
         return x_a, sigma_a, sigma_mid, sigma_next, target, N
 
@@ -104,6 +118,7 @@ class SCFM:
         dropped = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_cond, generator)
         group = torch.full((B,), FM, device=device, dtype=torch.long)
         sigma_mid, sigma_next = sigma.clone(), sigma.clone()
+        level = torch.full((B,), self.step_levels - 1, device=device, dtype=torch.long)  # FM: the top level
         info = {}
         if n_sc:
             sc_cond = cond[sc_idx] if self.cfg.guidance_scale != 1.0 else dropped[sc_idx]
@@ -114,8 +129,10 @@ class SCFM:
                                             ((sigma, sig_a), (sigma_mid, sig_mid), (sigma_next, sig_next)))
             dropped = dropped.index_copy(0, sc_idx, sc_cond)
             group[sc_idx] = SC
+            level[sc_idx] = torch.log2(N).round().long() - 1  # one jump = one cell of a grid of N/2
             info["sc_grid_mean"] = N.mean()
             info["sc_jump_mean"] = (sig_a - sig_next).mean()
         info["extra_forward_images"] = 2 * n_sc * (1 if self.cfg.guidance_scale == 1.0 else 2)
         return Targets(x=x, sigma=sigma, cond=dropped, target=target, weight=torch.ones(B, device=device),
-                       group=group, info=info, sigma_mid=sigma_mid, sigma_next=sigma_next)
+                       group=group, info=info, sigma_mid=sigma_mid, sigma_next=sigma_next,
+                       extra_inputs={"step_level": level} if self.step_levels else {})
