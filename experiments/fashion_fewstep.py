@@ -218,6 +218,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--runs", default="runs/experiments")
     p.add_argument("--out", default="docs/results")
+    p.add_argument("--name", default="fashion_fewstep", help="file name of the results (an ablation page: another name)")
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
     args = p.parse_args(argv)
     from flowpre.cli import parse_steps
@@ -241,11 +242,11 @@ def main(argv=None):
                "runs": runs, "goals": check_goals(runs)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "fashion_fewstep.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_markdown(out / "fashion_fewstep.md", summary)
-    plot(out / "fashion_fewstep.png", summary)
-    log(f"wrote {out}/fashion_fewstep.{{json,md,png}}")
-    print((out / "fashion_fewstep.md").read_text())
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_markdown(out / f"{args.name}.md", summary)
+    plot(out / f"{args.name}.png", summary)
+    log(f"wrote {out}/{args.name}.{{json,md,png}}")
+    print((out / f"{args.name}.md").read_text())
 
 
 if __name__ == "__main__":
