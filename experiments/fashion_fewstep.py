@@ -93,7 +93,7 @@ def train_flops(run_dir, cfg_overrides, config):
 def run_one(name, objective, overrides, args, scale, log):
     run_dir = Path(args.runs) / name
     config = ROOT / "configs" / "experiments" / f"fashion_{objective}.yaml"
-    overrides = [f"run.dir={run_dir}", *scale["overrides"], *overrides]
+    overrides = [f"run.dir={run_dir}", f"data.shards={args.data}/train-*.tar", *scale["overrides"], *overrides]
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     record = run_dir / "experiment_train.json"
@@ -104,25 +104,29 @@ def run_one(name, objective, overrides, args, scale, log):
     weights = run_dir / "model.safetensors"
     common = ["--weights", weights, "--reference", "fashion-mnist:test", "--num-samples", scale["num_samples"],
               "--batch-size", scale["batch_size"], "--seed", args.seed, "--shift", 1.0, "--cfg", 1.0]
-    fid_steps = [s for s in args.steps if s in args.fid_steps]
-    plain_steps = [s for s in args.steps if s not in args.fid_steps]
-    evals = {}
+    # One eval file per call, named by metric and steps; only step counts that no file of
+    # the run has scored yet are evaluated (an ablation can add steps to a finished run).
+    def scored(kind):
+        return {int(k) for f in run_dir.glob(f"eval_{kind}_*.json") for k in json.loads(f.read_text())["results"]}
+
+    fid_steps = [s for s in args.steps if s in args.fid_steps and s not in scored("fd_fid")]
+    plain_steps = [s for s in args.steps if s not in args.fid_steps and s not in scored("fd") | scored("fd_fid")]
     for tag, steps, extra in (("fd", plain_steps, ["--metric", "fd"]),
                               ("fd_fid", fid_steps, ["--metric", "fd,fid", "--fid-samples", scale["fid_samples"]]
                                + (["--ref-count", scale["ref_count"]] if scale["ref_count"] else []))):
-        out = run_dir / f"eval_{tag}.json"
-        if steps and not out.exists():
+        if steps:
+            out = run_dir / f"eval_{tag}_{'-'.join(map(str, steps))}.json"
             wall = flowpre("eval", *common, "--steps", ",".join(map(str, steps)), *extra, "--out", out, log=log)
             saved = json.loads(out.read_text())
             saved["wall_s"] = wall
             out.write_text(json.dumps(saved, indent=2))
-        if out.exists():
-            evals[tag] = json.loads(out.read_text())
+    evals = {f.stem: json.loads(f.read_text()) for f in sorted(run_dir.glob("eval_*.json"))}
     results = {}
     for e in evals.values():
         for s, r in e["results"].items():
-            results.setdefault(int(s), {}).update(r)
-    meta = evals.get("fd_fid", evals.get("fd", {}))
+            if int(s) in args.steps:
+                results.setdefault(int(s), {}).update(r)
+    meta = next((e for e in evals.values() if "fid" in e["metrics"]), next(iter(evals.values()), {}))
     return {"name": name, "objective": objective, "config": str(config.relative_to(ROOT)), "overrides": overrides,
             "train": train, "eval_wall_s": sum(e.get("wall_s", 0) for e in evals.values()),
             "eval": {"num_samples": scale["num_samples"], "fid_samples": meta.get("fid_samples"),
@@ -217,6 +221,7 @@ def main(argv=None):
     p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
     p.add_argument("--runs", default="runs/experiments")
+    p.add_argument("--data", default="data/fashion-mnist", help="training shards (written here when missing)")
     p.add_argument("--out", default="docs/results")
     p.add_argument("--name", default="fashion_fewstep", help="file name of the results (an ablation page: another name)")
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
@@ -226,8 +231,8 @@ def main(argv=None):
     args.steps, args.fid_steps = parse_steps(args.steps), [] if args.no_fid else parse_steps(args.fid_steps)
     os.chdir(ROOT)
     log = lambda msg: print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
-    if not Path("data/fashion-mnist/dataset.json").exists():
-        flowpre("shards", "--source", "fashion-mnist", "--out", "data/fashion-mnist", log=log)
+    if not (Path(args.data) / "dataset.json").exists():
+        flowpre("shards", "--source", "fashion-mnist", "--out", args.data, log=log)
     scale = SCALES[args.scale]
     jobs = [(o, o, []) for o in args.objectives.split(",") if o] + args.variant
     began, runs = time.time(), []

@@ -67,3 +67,20 @@ def test_cli_exits_nonzero_naming_key(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "train.batch_sise" in r.stderr and str(path) in r.stderr
+
+
+def test_experiment_configs_differ_only_in_the_objective():
+    """configs/experiments/fashion_*.yaml: equal compute and settings, only objective.name (and the run folder) differ."""
+    import dataclasses
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
+    loaded = {name: dataclasses.asdict(load_config(root / f"fashion_{name}.yaml")) for name in ("fm", "scfm", "shortcut")}
+    for name, cfg in loaded.items():
+        assert cfg["objective"]["name"] == name and cfg["run"]["dir"].endswith(f"fashion_{name}")
+        for section in cfg:
+            a, b = dict(loaded["fm"][section]), dict(cfg[section])
+            for d in (a, b):
+                d.pop("name", None) if section == "objective" else None
+                d.pop("dir", None) if section == "run" else None
+            assert a == b, (name, section)
