@@ -1,11 +1,10 @@
-import math
 
 import pytest
 import torch
 
 from flowpre.config import ObjectiveConfig
 from flowpre.objectives import FM, Nets, build
-from flowpre.objectives.flow_matching import noise_like, sample_sigma
+from flowpre.objectives.flow_matching import sample_sigma
 from flowpre.sampling import SIGMA_MAX, euler_sample, time_grid
 
 
