@@ -72,8 +72,8 @@ def test_text_encoder(which, tiny_clip, tiny_t5):
     torch.testing.assert_close(out[0], out[3], rtol=0, atol=0)  # deterministic, batch-independent
     assert (out[0] - out[1]).abs().max() > 1e-3
     if which == "t5":  # pooled = mean of the unpadded token states
-        n = int(enc.tokenizer("grinning face")["attention_mask"].__len__())
-        assert n == 2
+        n = len(enc.tokenizer("grinning face")["input_ids"])
+        assert n == 2  # the word-level test tokenizer adds no end token
         torch.testing.assert_close(out[0, 0], out[0, 1:1 + n].mean(0), rtol=1e-5, atol=1e-6)
     with pytest.raises(TypeError, match="list of captions"):
         enc("one string")
@@ -178,6 +178,8 @@ def test_text_conditioned_training_on_twemoji(tmp_path, tiny_clip, twemoji_shard
     r = train(tmp_path / "nocap", digit_shards, f"model.text_encoder={tiny_clip}", "train.max_steps=1",
               check=False)
     assert r.returncode == 2 and "model.text_encoder is set but the shards" in r.stderr
+    r = train(tmp_path / "prompts", digit_shards, "sample.prompts=['a dog']", "train.max_steps=1", check=False)
+    assert r.returncode == 2 and "sample.prompts is set but model.text_encoder is not" in r.stderr
 
 
 def test_loader_delivers_captions_and_skips_uncaptioned(twemoji_shards, tmp_path):

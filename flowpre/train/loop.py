@@ -60,6 +60,9 @@ def build_model(cfg, dataset, step_levels=0, text=None):
 def build_text_encoder(cfg, dataset, device):
     """The frozen caption encoder when model.text_encoder is set (None otherwise)."""
     if not cfg.model.text_encoder:
+        if cfg.sample.prompts:
+            raise ConfigError("sample.prompts is set but model.text_encoder is not: a class-conditional model "
+                              "samples classes, not prompts")
         return None
     if not dataset.get("has_captions"):
         raise ConfigError(f"model.text_encoder is set but the shards {cfg.data.shards!r} carry no captions "
@@ -75,7 +78,12 @@ def sample_prompts(cfg, shards):
             with tarfile.open(shard) as tar:
                 for member in tar:
                     if member.name.endswith(".json") and len(prompts) < n:
-                        prompts.append(json.loads(tar.extractfile(member).read())["caption"])
+                        try:  # a broken json is the loader's to skip and count; here it is just not a prompt
+                            caption = json.loads(tar.extractfile(member).read()).get("caption")
+                        except (ValueError, AttributeError):
+                            caption = None
+                        if isinstance(caption, str):
+                            prompts.append(caption)
             if len(prompts) >= n:
                 break
     return [prompts[i % len(prompts)] for i in range(n)]
