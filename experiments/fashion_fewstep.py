@@ -6,9 +6,10 @@
 
 For each objective: train from configs/experiments/fashion_<objective>.yaml (the three
 differ only in objective.name), export the slow EMA, then `flowpre eval` on the test
-split: FD (the project's classifier) on --num-samples images at every step count, FID
-(InceptionV3) on the first --fid-samples of the same images at --fid-steps. Wall time and
-training FLOPs, including the objective's extra no-grad forwards, are recorded.
+split (--split train when tuning: pick settings on train, report the pick on test): FD
+(the project's classifier) on --num-samples images at every step count, FID (InceptionV3)
+on the first --fid-samples of the same images at --fid-steps. Wall time and training
+FLOPs, including the objective's extra no-grad forwards, are recorded.
 Writes <out>/fashion_fewstep.{json,md,png}.
 
 Each stage leaves a file in the run folder and is skipped when that file exists, so an
@@ -102,12 +103,13 @@ def run_one(name, objective, overrides, args, scale, log):
         record.write_text(json.dumps({"wall_s": wall, "overrides": overrides}, indent=2))
     train = {**json.loads(record.read_text()), **train_flops(run_dir, overrides, config)}
     weights = run_dir / "model.safetensors"
-    common = ["--weights", weights, "--reference", "fashion-mnist:test", "--num-samples", scale["num_samples"],
+    common = ["--weights", weights, "--reference", f"fashion-mnist:{args.split}", "--num-samples", scale["num_samples"],
               "--batch-size", scale["batch_size"], "--seed", args.seed, "--shift", 1.0, "--cfg", 1.0]
-    # One eval file per call, named by metric and steps; only step counts that no file of
-    # the run has scored yet are evaluated (an ablation can add steps to a finished run).
+    # One eval file per call, named by split, metric and steps; only step counts that no file
+    # of the run has scored on this split yet are evaluated (an ablation can add steps).
     def scored(kind):
-        return {int(k) for f in run_dir.glob(f"eval_{kind}_*.json") for k in json.loads(f.read_text())["results"]}
+        return {int(k) for f in run_dir.glob(f"eval_{args.split}_{kind}_*.json")
+                for k in json.loads(f.read_text())["results"]}
 
     fid_steps = [s for s in args.steps if s in args.fid_steps and s not in scored("fd_fid")]
     plain_steps = [s for s in args.steps if s not in args.fid_steps and s not in scored("fd") | scored("fd_fid")]
@@ -115,12 +117,12 @@ def run_one(name, objective, overrides, args, scale, log):
                               ("fd_fid", fid_steps, ["--metric", "fd,fid", "--fid-samples", scale["fid_samples"]]
                                + (["--ref-count", scale["ref_count"]] if scale["ref_count"] else []))):
         if steps:
-            out = run_dir / f"eval_{tag}_{'-'.join(map(str, steps))}.json"
+            out = run_dir / f"eval_{args.split}_{tag}_{'-'.join(map(str, steps))}.json"
             wall = flowpre("eval", *common, "--steps", ",".join(map(str, steps)), *extra, "--out", out, log=log)
             saved = json.loads(out.read_text())
             saved["wall_s"] = wall
             out.write_text(json.dumps(saved, indent=2))
-    evals = {f.stem: json.loads(f.read_text()) for f in sorted(run_dir.glob("eval_*.json"))}
+    evals = {f.stem: json.loads(f.read_text()) for f in sorted(run_dir.glob(f"eval_{args.split}_*.json"))}
     results = {}
     for e in evals.values():
         for s, r in e["results"].items():
@@ -130,7 +132,7 @@ def run_one(name, objective, overrides, args, scale, log):
     return {"name": name, "objective": objective, "config": str(config.relative_to(ROOT)), "overrides": overrides,
             "train": train, "eval_wall_s": sum(e.get("wall_s", 0) for e in evals.values()),
             "eval": {"num_samples": scale["num_samples"], "fid_samples": meta.get("fid_samples"),
-                     "fid_reference_count": meta.get("reference_count"), "reference": "fashion-mnist:test",
+                     "fid_reference_count": meta.get("reference_count"), "reference": f"fashion-mnist:{args.split}",
                      "shift": 1.0, "cfg": 1.0, "seed": args.seed, "classifier_test_accuracy":
                      meta.get("classifier_test_accuracy")},
             "results": {s: results[s] for s in sorted(results)}}
@@ -156,7 +158,7 @@ def write_markdown(path, summary):
     lines = [f"# Fashion-MNIST: quality against sampling steps, {' vs '.join(r['name'] for r in runs)}", "",
              f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}, "
              f"commit {summary['commit']}). Lower FD/FID is better.", "",
-             "## FD (classifier features, test split, "
+             f"## FD (classifier features, {summary['split']} split, "
              f"{runs[0]['eval']['num_samples']} samples per cell)", "",
              "| objective | " + " | ".join(f"{s}" for s in steps) + " |",
              "|---|" + "---:|" * len(steps)]
@@ -165,7 +167,7 @@ def write_markdown(path, summary):
     fid_steps = [s for s in steps if any("fid" in r["results"].get(s, {}) for r in runs)]
     if fid_steps:
         lines += ["", f"## FID (InceptionV3, first {runs[0]['eval']['fid_samples']} of the same samples, against "
-                      f"{runs[0]['eval']['fid_reference_count']} test images)", "",
+                      f"{runs[0]['eval']['fid_reference_count']} {summary['split']} images)", "",
                   "| objective | " + " | ".join(map(str, fid_steps)) + " |", "|---|" + "---:|" * len(fid_steps)]
         for r in runs:
             lines.append(f"| {r['name']} | " + " | ".join(fmt(r["results"].get(s, {}).get("fid")) for s in fid_steps) + " |")
@@ -204,7 +206,7 @@ def plot(path, summary):
         ax.set_xticks(summary["steps"], [str(s) for s in summary["steps"]])
         ax.set_xlabel("sampling steps (Euler)")
         ax.set_ylabel(metric.upper() + " (lower is better)")
-        ax.set_title(f"Fashion-MNIST test, {metric.upper()}")
+        ax.set_title(f"Fashion-MNIST {summary['split']}, {metric.upper()}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -220,6 +222,8 @@ def main(argv=None):
     p.add_argument("--fid-steps", default="1,4,128")
     p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    p.add_argument("--split", choices=("test", "train"), default="test",
+                   help="reference split: tune on train, report on test")
     p.add_argument("--runs", default="runs/experiments")
     p.add_argument("--data", default="data/fashion-mnist", help="training shards (written here when missing)")
     p.add_argument("--out", default="docs/results")
@@ -241,7 +245,7 @@ def main(argv=None):
         log(f"{name}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {"command": "python experiments/fashion_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "scale": args.scale, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
+               "scale": args.scale, "split": args.split, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
                "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, torch "
                + __import__("torch").__version__, "wall_s_this_invocation": time.time() - began,
                "runs": runs, "goals": check_goals(runs)}

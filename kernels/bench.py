@@ -48,6 +48,8 @@ NO_GPU = "flowpre bench kernels needs a CUDA GPU; nothing measured"
 HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
 
 ATTN_FULL = [(n, d) for n in (256, 1024, 4096) for d in (64, 72, 128)]
+# Text cross-attention: DiT image tokens against 77 CLIP tokens (M, N, D).
+ATTN_CROSS = [(256, 77, 72), (1024, 77, 72), (4096, 77, 128)]
 ATTN_QUICK = [(1024, 72), (4096, 128)]
 ADALN_FULL = [(64, 256, 1152), (32, 1024, 1152), (256, 256, 768), (256, 64, 384), (128, 256, 1024)]
 ADALN_QUICK = [(32, 1024, 1152)]
@@ -163,14 +165,19 @@ def _sdpa_choice(q, k, v):
 
 
 def _attention_rows(timer, configs):
+    """configs: (N, D) for self-attention, (M, N, D) for M queries against N keys."""
     rows = []
-    for n, d in configs:
-        heads, batch = 16, 2**16 // n
-        row = {"kernel": "attention", "shape": [batch, heads, n, d], "dtype": "bf16", "results": {}}
-        flops = 4 * batch * heads * n * n * d
+    for cfg in configs:
+        m, n, d = cfg if len(cfg) == 3 else (cfg[0], *cfg)
+        heads, batch = 16, 2**16 // m
+        row = {"kernel": "attention", "shape": [batch, heads, m, d], "dtype": "bf16", "results": {}}
+        if n != m:
+            row["kv_len"] = n
+        flops = 4 * batch * heads * m * n * d
         try:
-            q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
+            q = torch.randn(batch, heads, m, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+            k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(2))
             do = torch.randn_like(q)
             sdpa, row["sdpa_backend"] = _sdpa_choice(q, k, v)
             impls = {"triton": lambda *a: attention(*a, backend="triton"), "sdpa": sdpa}
@@ -196,7 +203,7 @@ def _attention_rows(timer, configs):
             if mode in t and mode in s:
                 row[f"speedup_vs_sdpa_{mode[:-3]}"] = s[mode] / t[mode]
         rows.append(row)
-        del q, k, v, do, ref
+        q = k = v = do = ref = None  # free this shape's tensors before the next
         torch.cuda.empty_cache()
     return rows
 
@@ -282,7 +289,7 @@ def _memory_rows(timer, kernel, shapes, make, peak, copy_bw, graph=True):
                 if f"{mode}_ms" in t and f"{mode}_ms" in o:
                     row[f"speedup_vs_{other}_{mode}"] = o[f"{mode}_ms"] / t[f"{mode}_ms"]
         rows.append(row)
-        del inputs, grads, impls, ref
+        inputs = grads = impls = ref = None  # free this shape's tensors before the next
         torch.cuda.empty_cache()
     return rows
 
@@ -294,7 +301,7 @@ def _print_table(report):
           f"commit {report['git_commit'][:12]}  copy {report['copy_gbps']:.0f} GB/s  "
           f"HBM peak {report['hbm_peak_gbps'] or 'unknown'} GB/s")
     for row in report["rows"]:
-        shape = "x".join(map(str, row["shape"]))
+        shape = "x".join(map(str, row["shape"])) + (f" kv{row['kv_len']}" if "kv_len" in row else "")
         if "error" in row:
             print(f"{row['kernel']:22s} {shape:18s} ERROR {row['error'][:100]}")
             continue
@@ -332,9 +339,9 @@ def run_benchmarks(out_path=None, quick=False):
               "quick": quick, "hbm_peak_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_bw / 1e9,
               "conventions": __doc__.split("Conventions", 1)[1].strip(), "rows": []}
     shapes = ADALN_QUICK if quick else ADALN_FULL
-    attn = os.environ.get("FLOWPRE_BENCH_ATTN")  # e.g. "256:72,1024:64": (N, D) pairs to time
+    attn = os.environ.get("FLOWPRE_BENCH_ATTN")  # e.g. "256:72,1024:77:64": N:D or M:N:D to time
     attn_shapes = [tuple(int(v) for v in p.split(":")) for p in attn.split(",")] if attn else None
-    report["rows"] += _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL))
+    report["rows"] += _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL + ATTN_CROSS))
     report["rows"] += _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
     report["rows"] += _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw)
     # no graph timing for the loss: the reference's bincount syncs with the host, which

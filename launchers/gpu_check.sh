@@ -4,7 +4,7 @@
 # benchmarks, and a short DiT training-throughput run (Triton vs torch kernels).
 #   bash launchers/gpu_check.sh [OUT_DIR]
 # Environment: FLOWPRE_COMMIT=<sha> stamps the results; TEST_S, BENCH_S, TRAIN_S cap each
-# stage (seconds); TESTS, BENCH_FLAGS, FLOWPRE_BENCH_ATTN ("N:D,...") and
+# stage (seconds); TESTS, BENCH_FLAGS, FLOWPRE_BENCH_ATTN ("N:D,M:N:D,...") and
 # THROUGHPUT_MODELS narrow them for a short device lease.
 # Results: OUT_DIR/{gpu_tests.log,kernels.json,train_throughput.json}; commit them under
 # benchmarks/results/ with the device named.

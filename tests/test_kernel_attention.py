@@ -49,7 +49,7 @@ def check_all(q, k, v, dout, scale, tol, out, lse, dq, dk, dv):
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = reference(q, k, v, dout, scale)
     # With one key the softmax is constant: dq and dk are exactly zero, so measure
     # them against the scale of dv instead of their own (zero) maximum.
-    zero_grads = q.shape[2] == 1
+    zero_grads = k.shape[2] == 1
     grad_denom = ref_dv.abs().max().item() if zero_grads else None
     errs = {
         "out": rel_err(out, ref_out),
@@ -79,6 +79,54 @@ def test_forward_backward_match_reference(kernel_device, N, D, dtype):
     check_all(q, k, v, dout, scale, TOL[dtype], out, lse, dq, dk, dv)
 
 
+# Cross-attention: M queries against N keys, both ragged, in both orders, and the
+# single-query and single-key corners.
+CROSS = [(1, 77), (77, 1), (200, 17), (17, 200)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [40, 72])
+@pytest.mark.parametrize("M,N", CROSS, ids=[f"M{m}-N{n}" for m, n in CROSS])
+def test_cross_attention_match_reference(kernel_device, M, N, D, dtype):
+    gen = torch.Generator().manual_seed(7 * M + N + D)
+    B, H = 2, 3
+    q, dout = (rand((B, H, M, D), dtype, kernel_device, gen) for _ in range(2))
+    k, v = (rand((B, H, N, D), dtype, kernel_device, gen) for _ in range(2))
+    scale = 1.0 / math.sqrt(D)
+    nan = lambda *shape, dt=dtype: torch.full(shape, float("nan"), dtype=dt, device=kernel_device)  # noqa: E731
+    out, lse = attn.attention_forward(q, k, v, scale, out=nan(B, H, M, D), lse=nan(B, H, M, dt=torch.float32))
+    dq, dk, dv = attn.attention_backward(q, k, v, out, lse, dout, scale,
+                                         dq=nan(B, H, M, D), dk=nan(B, H, N, D), dv=nan(B, H, N, D))
+    assert out.shape == (B, H, M, D) and lse.shape == (B, H, M) and dk.shape == dv.shape == (B, H, N, D)
+    check_all(q, k, v, dout, scale, TOL[dtype], out, lse, dq, dk, dv)
+
+
+def test_cross_attention_fp16_and_packed_context(kernel_device):
+    """fp16, with k and v as strided views of one (B, L, 2, H, D) projection of a text
+    context, as the DiT's cross-attention makes them."""
+    gen = torch.Generator().manual_seed(3)
+    B, H, M, L, D, dtype = 2, 2, 49, 13, 72, torch.float16
+    q = rand((B, H, M, D), dtype, kernel_device, gen).requires_grad_()
+    kv = rand((B, L, 2, H, D), dtype, kernel_device, gen).requires_grad_()
+    k, v = (t.transpose(1, 2) for t in kv.unbind(2))
+    assert not k.is_contiguous()
+    dout = rand((B, H, M, D), dtype, kernel_device, gen)
+    attn.attention(q, k, v, backend="triton").backward(dout)
+    ref_out, _, ref_dq, ref_dk, ref_dv = reference(q, k, v, dout, 1.0 / math.sqrt(D))
+    ref_dkv = torch.stack([ref_dk.transpose(1, 2), ref_dv.transpose(1, 2)], dim=2)
+    assert rel_err(attn.attention(q, k, v, backend="triton"), ref_out) < TOL[dtype]
+    assert rel_err(q.grad, ref_dq) < TOL[dtype] and rel_err(kv.grad, ref_dkv) < TOL[dtype]
+
+
+def test_no_queries_gives_zero_key_gradients(kernel_device):
+    q, dout = torch.randn(1, 2, 0, 16, device=kernel_device), torch.randn(1, 2, 0, 16, device=kernel_device)
+    k, v = torch.randn(1, 2, 5, 16, device=kernel_device), torch.randn(1, 2, 5, 16, device=kernel_device)
+    out, lse = attn.attention_forward(q, k, v)
+    poisoned = torch.full((1, 2, 5, 16), float("nan"), device=kernel_device)
+    _, dk, dv = attn.attention_backward(q, k, v, out, lse, dout, dk=poisoned.clone(), dv=poisoned.clone())
+    assert out.shape == (1, 2, 0, 16) and torch.equal(dk, torch.zeros_like(k)) and torch.equal(dv, torch.zeros_like(v))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_head_dim_256_and_custom_scale(kernel_device, dtype):
     gen = torch.Generator().manual_seed(256)
@@ -105,9 +153,10 @@ def test_autograd_non_contiguous(kernel_device, D):
         assert rel_err(a, r) < TOL[dtype], name
 
 
-def test_gradcheck_float64(kernel_device):
+@pytest.mark.parametrize("M,N", [(9, 9), (9, 13)])
+def test_gradcheck_float64(kernel_device, M, N):
     gen = torch.Generator().manual_seed(9)
-    q, k, v = (rand((1, 2, 9, 40), torch.float64, kernel_device, gen).requires_grad_() for _ in range(3))
+    q, k, v = (rand((1, 2, n, 40), torch.float64, kernel_device, gen).requires_grad_() for n in (M, N, N))
     fn = lambda q, k, v: attn.attention(q, k, v, scale=0.3, backend="triton")  # noqa: E731
     # fast_mode checks random projections of the Jacobian: a few forward calls instead
     # of one per input element, which the interpreter could not afford.
@@ -121,8 +170,14 @@ def test_bad_inputs_raise_value_error(kernel_device):
     with pytest.raises(ValueError, match="head dim"):
         big = torch.randn(1, 2, 8, 300, device=kernel_device)
         attn.attention(big, big, big, backend="triton")
-    with pytest.raises(ValueError, match="shapes must match"):
-        attn.attention(q, torch.randn(1, 2, 9, 16, device=kernel_device), q, backend="triton")
+    k9 = torch.randn(1, 2, 9, 16, device=kernel_device)
+    assert attn.attention(q, k9, k9, backend="triton").shape == q.shape  # M != N is cross-attention
+    with pytest.raises(ValueError, match="shapes must match"):  # k and v lengths differ
+        attn.attention(q, k9, q, backend="triton")
+    with pytest.raises(ValueError, match="shapes must match"):  # head dims differ
+        attn.attention(q, k9[..., :8], k9[..., :8], backend="triton")
+    with pytest.raises(ValueError, match="no keys"):
+        attn.attention(q, k9[:, :, :0], k9[:, :, :0], backend="triton")
     with pytest.raises(ValueError, match="4-D"):
         attn.attention_forward(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="dtype"):

@@ -94,20 +94,19 @@ class Attention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Image tokens (B, N, C) attend to the text context (B, L, C). torch SDPA, not
-    flowpre.kernels.attention: that kernel takes N_q = N_kv only, and with L << N this
-    layer is a small share of the block's time."""
+    """Image tokens (B, N, C) attend to the text context (B, L, C), through the same
+    attention kernel as self-attention (it takes M queries against N keys)."""
 
     def __init__(self, hidden, heads):
         super().__init__()
         self.heads = heads
         self.q, self.kv, self.proj = nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(hidden, hidden)
 
-    def forward(self, x, context):
+    def forward(self, x, context, backend):
         B, N, C = x.shape
         q = self.q(x).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)  # (B, H, N, D)
         kv = self.kv(context).reshape(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = nn.functional.scaled_dot_product_attention(q, kv[0], kv[1])  # (B, H, N, D)
+        out = K.attention(q, kv[0], kv[1], backend=backend)  # k, v (B, H, L, D) -> (B, H, N, D)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -138,7 +137,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c, backend, context=None):  # x (B, N, C), c (B, C), context (B, L, C)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), context)
+            x = x + self.cross(self.cross_norm(x), context, backend)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (B, C)
         h = K.adaln_modulate(x, shift1, scale1, backend=backend)
         # residual of the attention branch fused with the MLP branch's LayerNorm + modulate
