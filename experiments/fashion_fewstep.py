@@ -198,8 +198,11 @@ def write_markdown(path, summary):
                      f"{t['wall_s'] / 60:.1f} min | {r['eval_wall_s'] / 60:.1f} min |")
     lines += ["", "## Goals (METHOD.md section 6)", ""]
     for g in summary["goals"]:
-        verdict = "met" if g["met"] else "not run" if g["met"] is None else "MISSED"
-        lines.append(f"- {verdict}: {g['goal'].replace('SCFM', g['run'], 1)}")
+        if g["met"] is not None:
+            lines.append(f"- {'met' if g['met'] else 'MISSED'}: {g['goal'].replace('SCFM', g['run'], 1)}")
+    unjudged = sum(g["met"] is None for g in summary["goals"])
+    if unjudged:
+        lines.append(f"- not judged: {unjudged} goal(s) whose run or step count is not on this page")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -221,7 +224,8 @@ def plot(path, summary):
         ax.set_ylabel(metric.upper() + " (lower is better)")
         ax.set_title(f"Fashion-MNIST {summary['split']}, {metric.upper()}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        many = len(summary["runs"]) > 4
+        ax.legend(fontsize="x-small" if many else None, ncol=2 if many else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
