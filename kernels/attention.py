@@ -175,7 +175,7 @@ def attention_backward(q, k, v, out, lse, dout, scale=None, dq=None, dk=None, dv
         _check_buffer(name, g, like.shape, q.dtype, q.device)
         grads.append(g)
     dq, dk, dv = grads
-    if q.numel() == 0 or k.numel() == 0:  # no queries: no gradient reaches k and v either
+    if q.numel() == 0:  # no queries (N = 0 keys is refused above): dk, dv are zero
         for g in (dq, dk, dv):
             g.zero_()
         return dq, dk, dv
