@@ -22,13 +22,14 @@ numbers.
 The Triton path wants one dtype for every input and raises ValueError naming the
 odd one out; the torch path is the reference itself and follows PyTorch promotion.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .backend import use_triton
 
-PREFETCH = True  # backward loads tile t+1 before working on tile t (see _adaln_bwd_kernel)
 MAX_C = 16384  # one row lives in registers; beyond this the kernel would spill badly
 
 
@@ -49,128 +50,227 @@ def gated_residual_adaln_reference(x, y, gate, shift, scale, eps=1e-6):
 
 
 # ----------------------------------------------------------------------------- kernels
+# A row of C columns can be held as two power-of-two column blocks, [0, BLOCK_A) and
+# [BLOCK_A, BLOCK_A + BLOCK_B), so DiT widths waste almost no registers: 1152 = 1024 + 128
+# where a single next-power-of-two block carries 2048 lanes, 44% of them masked. In the
+# backward, registers bound occupancy, and occupancy times prefetch depth is the loads
+# in flight that reach HBM bandwidth; the forward is not register-bound and keeps one
+# padded block (launch_config). SPLIT is False with one block.
 
 @triton.jit
-def _adaln_fwd_kernel(X, Y, GATE, SHIFT, SCALE, H, OUT, MEAN, RSTD, N, C, eps,
-                      RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                      ACC: tl.constexpr):
-    # program (i, b): tokens [i*ROWS, (i+1)*ROWS) of sample b, whole rows in registers
-    b = tl.program_id(1)
-    tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = tok < N
+def _col_block(rows, row_ok, col0, C, BLOCK: tl.constexpr):
+    cols = col0 + tl.arange(0, BLOCK)
     col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows = b.to(tl.int64) * N + tok  # int64: B*N*C can pass 2**31
-    offs = rows[:, None] * C + cols[None, :]
-    pcols = b.to(tl.int64) * C + cols
+    return cols, col_ok, row_ok[:, None] & col_ok[None, :], rows[:, None] * C + cols[None, :]
 
+
+@triton.jit
+def _fwd_load(X, Y, GATE, H, rows, row_ok, pcol0, col0, C,
+              BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """x (or h = x + gate*y, stored as it goes) of one column block, masked lanes 0."""
+    cols, col_ok, mask, offs = _col_block(rows, row_ok, col0, C, BLOCK)
     x = tl.load(X + offs, mask=mask, other=0.0)
     if RESIDUAL:
         y = tl.load(Y + offs, mask=mask, other=0.0).to(ACC)
-        g = tl.load(GATE + pcols, mask=col_ok, other=0.0).to(ACC)
+        g = tl.load(GATE + pcol0 + cols, mask=col_ok, other=0.0).to(ACC)
         x = (x.to(ACC) + g[None, :] * y).to(H.dtype.element_ty)
         tl.store(H + offs, x, mask=mask)
-    x = x.to(ACC)
+    return x.to(ACC), mask
 
-    mean = tl.sum(x, axis=1) / C
-    xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
-    shift = tl.load(SHIFT + pcols, mask=col_ok, other=0.0).to(ACC)
-    scale = tl.load(SCALE + pcols, mask=col_ok, other=0.0).to(ACC)
+
+@triton.jit
+def _fwd_store(OUT, SHIFT, SCALE, xc, rstd, rows, row_ok, pcol0, col0, C, BLOCK: tl.constexpr,
+               ACC: tl.constexpr):
+    cols, col_ok, mask, offs = _col_block(rows, row_ok, col0, C, BLOCK)
+    shift = tl.load(SHIFT + pcol0 + cols, mask=col_ok, other=0.0).to(ACC)
+    scale = tl.load(SCALE + pcol0 + cols, mask=col_ok, other=0.0).to(ACC)
     out = xc * rstd[:, None] * (1.0 + scale[None, :]) + shift[None, :]
     tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adaln_fwd_kernel(X, Y, GATE, SHIFT, SCALE, H, OUT, MEAN, RSTD, N, C, eps,
+                      RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr):
+    # program (i, b): tokens [i*ROWS, (i+1)*ROWS) of sample b, whole rows in registers
+    b = tl.program_id(1).to(tl.int64)  # int64: B*N*C can pass 2**31
+    tok = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = tok < N
+    rows = b * N + tok
+    pcol0 = b * C
+
+    xa, mask_a = _fwd_load(X, Y, GATE, H, rows, row_ok, pcol0, 0, C, BLOCK_A, RESIDUAL, ACC)
+    total = tl.sum(xa, axis=1)
+    if SPLIT:
+        xb, mask_b = _fwd_load(X, Y, GATE, H, rows, row_ok, pcol0, BLOCK_A, C, BLOCK_B, RESIDUAL, ACC)
+        total += tl.sum(xb, axis=1)
+    mean = total / C
+    xa = tl.where(mask_a, xa - mean[:, None], 0.0)
+    squares = tl.sum(xa * xa, axis=1)
+    if SPLIT:
+        xb = tl.where(mask_b, xb - mean[:, None], 0.0)
+        squares += tl.sum(xb * xb, axis=1)
+    rstd = 1.0 / tl.sqrt(squares / C + eps)
+    _fwd_store(OUT, SHIFT, SCALE, xa, rstd, rows, row_ok, pcol0, 0, C, BLOCK_A, ACC)
+    if SPLIT:
+        _fwd_store(OUT, SHIFT, SCALE, xb, rstd, rows, row_ok, pcol0, BLOCK_A, C, BLOCK_B, ACC)
     tl.store(MEAN + rows, mean, mask=row_ok)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
-def _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, tile, tok_end, N, C, cols, col_ok,
-              RESIDUAL: tl.constexpr, ROWS: tl.constexpr):
-    """Loads one tile of the backward's inputs, in their storage dtypes (half the
-    registers of fp32 while they wait as a prefetch). Tokens at or past tok_end (the
-    end of the program's chunk) are masked off. Without RESIDUAL, dh and y are
-    stand-ins that are never used."""
-    tok = tile * ROWS + tl.arange(0, ROWS)
-    row_ok = (tok < N) & (tok < tok_end)
-    mask = row_ok[:, None] & col_ok[None, :]
-    rows = b.to(tl.int64) * N + tok
-    offs = rows[:, None] * C + cols[None, :]
+def _bwd_load(X, Y, DH, DOUT, rows, row_ok, col0, C, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+    """One column block of a tile of the backward's inputs, in their storage dtypes
+    (half the registers of fp32 while they wait as a prefetch). Without RESIDUAL, dh
+    and y are stand-ins that are never used."""
+    _, _, mask, offs = _col_block(rows, row_ok, col0, C, BLOCK)
     x = tl.load(X + offs, mask=mask, other=0.0)
     dout = tl.load(DOUT + offs, mask=mask, other=0.0)
-    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
     if RESIDUAL:
         dh = tl.load(DH + offs, mask=mask, other=0.0)
         y = tl.load(Y + offs, mask=mask, other=0.0)
     else:
         dh = dout
         y = dout
-    return x, dout, mean, rstd, dh, y
+    return x, dout, dh, y
+
+
+@triton.jit
+def _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, tile, tok_end, N, C,
+              RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+              BLOCK_B: tl.constexpr, SPLIT: tl.constexpr):
+    """Loads tile `tile` of sample b: both column blocks and the row statistics. Tokens at
+    or past tok_end (the end of the program's chunk) are masked off."""
+    tok = tile * ROWS + tl.arange(0, ROWS)
+    row_ok = (tok < N) & (tok < tok_end)
+    rows = b * N + tok
+    mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+    a = _bwd_load(X, Y, DH, DOUT, rows, row_ok, 0, C, BLOCK_A, RESIDUAL)
+    if SPLIT:
+        bb = _bwd_load(X, Y, DH, DOUT, rows, row_ok, BLOCK_A, C, BLOCK_B, RESIDUAL)
+    else:
+        bb = a  # never used
+    return mean, rstd, a, bb
+
+
+@triton.jit
+def _bwd_grads(x, dout, mean, rstd, one_plus_scale, mask, ACC: tl.constexpr):
+    """x_hat, g = dout * (1 + scale) and dout in ACC, for one column block."""
+    x_hat = tl.where(mask, (x.to(ACC) - mean[:, None]) * rstd[:, None], 0.0)
+    dout_f = dout.to(ACC)
+    return x_hat, dout_f * one_plus_scale[None, :], dout_f
+
+
+@triton.jit
+def _bwd_store(DX, DY, x_hat, g, dout, dh, y, gate, mean_g, mean_gx, rstd, mask, offs,
+               acc_shift, acc_scale, acc_gate, RESIDUAL: tl.constexpr, ACC: tl.constexpr):
+    """dx (and dy) of one column block, given the row means; returns the updated
+    column-sum accumulators."""
+    # LayerNorm backward: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
+    dx = (g - mean_g[:, None] - x_hat * mean_gx[:, None]) * rstd[:, None]
+    acc_shift += dout
+    acc_scale += dout * x_hat
+    if RESIDUAL:
+        dx += dh.to(ACC)
+        acc_gate += dx * y.to(ACC)
+        tl.store(DY + offs, (dx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    return acc_shift, acc_scale, acc_gate
+
+
+@triton.jit
+def _store_partials(PART, plane, part, acc_shift, acc_scale, acc_gate, col_ok, RESIDUAL: tl.constexpr):
+    tl.store(PART + part, tl.sum(acc_shift, axis=0), mask=col_ok)
+    tl.store(PART + plane + part, tl.sum(acc_scale, axis=0), mask=col_ok)
+    if RESIDUAL:
+        tl.store(PART + 2 * plane + part, tl.sum(acc_gate, axis=0), mask=col_ok)
 
 
 @triton.jit
 def _adaln_bwd_kernel(X, Y, GATE, SCALE, MEAN, RSTD, DH, DOUT, DX, DY, PART,
                       N, C, n_chunks, tiles_per_prog,
-                      RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
-                      ACC: tl.constexpr, PREFETCH: tl.constexpr):
+                      RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK_A: tl.constexpr,
+                      BLOCK_B: tl.constexpr, SPLIT: tl.constexpr, ACC: tl.constexpr,
+                      PREFETCH: tl.constexpr):
     # program (chunk, b) walks tiles_per_prog tiles of ROWS tokens of sample b; X is h
     # when RESIDUAL. PART is (3, B, n_chunks, C): dshift, dscale, dgate partial sums.
+    # Suffix _a / _b: the two column blocks.
     chunk = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(1).to(tl.int64)
     B = tl.num_programs(1)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    pcols = b.to(tl.int64) * C + cols
-    one_plus_scale = 1.0 + tl.load(SCALE + pcols, mask=col_ok, other=0.0).to(ACC)
+    pcol0 = b * C
+    cols_a = tl.arange(0, BLOCK_A)
+    cols_b = BLOCK_A + tl.arange(0, BLOCK_B)
+    ok_a = cols_a < C
+    ok_b = cols_b < C
+    scale_a = 1.0 + tl.load(SCALE + pcol0 + cols_a, mask=ok_a, other=0.0).to(ACC)
+    scale_b = 1.0 + tl.load(SCALE + pcol0 + cols_b, mask=ok_b, other=0.0).to(ACC)
+    gate_a = scale_a
+    gate_b = scale_b
     if RESIDUAL:
-        gate = tl.load(GATE + pcols, mask=col_ok, other=0.0).to(ACC)
+        gate_a = tl.load(GATE + pcol0 + cols_a, mask=ok_a, other=0.0).to(ACC)
+        gate_b = tl.load(GATE + pcol0 + cols_b, mask=ok_b, other=0.0).to(ACC)
 
-    acc_shift = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
-    acc_scale = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
-    acc_gate = tl.zeros([ROWS, BLOCK_C], dtype=ACC)
+    acc_shift_a = tl.zeros([ROWS, BLOCK_A], dtype=ACC)
+    acc_scale_a = tl.zeros([ROWS, BLOCK_A], dtype=ACC)
+    acc_gate_a = tl.zeros([ROWS, BLOCK_A], dtype=ACC)
+    acc_shift_b = tl.zeros([ROWS, BLOCK_B], dtype=ACC)
+    acc_scale_b = tl.zeros([ROWS, BLOCK_B], dtype=ACC)
+    acc_gate_b = tl.zeros([ROWS, BLOCK_B], dtype=ACC)
     first = chunk * tiles_per_prog
     end = (first + tiles_per_prog) * ROWS
-    if PREFETCH:
-        # software pipelining by hand: the next tile's loads are in flight while this
-        # tile's reductions and stores run, so a program never idles on memory latency
-        x, dout, mean, rstd, dh, y = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first, end, N, C, cols, col_ok,
-                                               RESIDUAL, ROWS)
+    # Software pipelining by hand: PREFETCH tiles ahead are loading while this tile's
+    # reductions and stores run, so a program never idles on memory latency. Each tile
+    # ahead costs registers (its inputs in their storage dtype), so the depth trades
+    # against occupancy; launch_config picks it.
+    if PREFETCH >= 1:
+        mean, rstd, in_a, in_b = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first, end, N, C,
+                                           RESIDUAL, ROWS, BLOCK_A, BLOCK_B, SPLIT)
+    if PREFETCH >= 2:
+        second = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first + 1, end, N, C,
+                           RESIDUAL, ROWS, BLOCK_A, BLOCK_B, SPLIT)
     for t in range(0, tiles_per_prog):
-        if PREFETCH:
-            nx, ndout, nmean, nrstd, ndh, ny = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first + t + 1,
-                                                         end, N, C, cols, col_ok, RESIDUAL, ROWS)
+        if PREFETCH >= 1:
+            ahead = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first + t + PREFETCH, end, N, C,
+                              RESIDUAL, ROWS, BLOCK_A, BLOCK_B, SPLIT)
         else:
-            x, dout, mean, rstd, dh, y = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first + t, end, N, C, cols,
-                                                   col_ok, RESIDUAL, ROWS)
+            mean, rstd, in_a, in_b = _bwd_tile(X, Y, DH, DOUT, MEAN, RSTD, b, first + t, end, N, C,
+                                               RESIDUAL, ROWS, BLOCK_A, BLOCK_B, SPLIT)
         tok = (first + t) * ROWS + tl.arange(0, ROWS)
-        mask = (tok < N)[:, None] & col_ok[None, :]
-        offs = (b.to(tl.int64) * N + tok)[:, None] * C + cols[None, :]
+        row_ok = tok < N
+        rows = b * N + tok
+        mean = mean.to(ACC)
+        rstd = rstd.to(ACC)
+        _, _, mask_a, offs_a = _col_block(rows, row_ok, 0, C, BLOCK_A)
+        x_hat_a, g_a, dout_a = _bwd_grads(in_a[0], in_a[1], mean, rstd, scale_a, mask_a, ACC)
+        sum_g = tl.sum(g_a, axis=1)
+        sum_gx = tl.sum(g_a * x_hat_a, axis=1)
+        if SPLIT:
+            _, _, mask_b, offs_b = _col_block(rows, row_ok, BLOCK_A, C, BLOCK_B)
+            x_hat_b, g_b, dout_b = _bwd_grads(in_b[0], in_b[1], mean, rstd, scale_b, mask_b, ACC)
+            sum_g += tl.sum(g_b, axis=1)
+            sum_gx += tl.sum(g_b * x_hat_b, axis=1)
+        mean_g = sum_g / C
+        mean_gx = sum_gx / C
+        acc_shift_a, acc_scale_a, acc_gate_a = _bwd_store(
+            DX, DY, x_hat_a, g_a, dout_a, in_a[2], in_a[3], gate_a, mean_g, mean_gx, rstd, mask_a, offs_a,
+            acc_shift_a, acc_scale_a, acc_gate_a, RESIDUAL, ACC)
+        if SPLIT:
+            acc_shift_b, acc_scale_b, acc_gate_b = _bwd_store(
+                DX, DY, x_hat_b, g_b, dout_b, in_b[2], in_b[3], gate_b, mean_g, mean_gx, rstd, mask_b, offs_b,
+                acc_shift_b, acc_scale_b, acc_gate_b, RESIDUAL, ACC)
+        if PREFETCH == 1:
+            mean, rstd, in_a, in_b = ahead
+        if PREFETCH == 2:
+            mean, rstd, in_a, in_b = second
+            second = ahead
 
-        rstd_f = rstd.to(ACC)
-        x_hat = tl.where(mask, (x.to(ACC) - mean.to(ACC)[:, None]) * rstd_f[:, None], 0.0)
-        dout_f = dout.to(ACC)
-        acc_shift += dout_f
-        acc_scale += dout_f * x_hat
-        # LayerNorm backward: dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))
-        g = dout_f * one_plus_scale[None, :]
-        mean_g = tl.sum(g, axis=1) / C
-        mean_gx = tl.sum(g * x_hat, axis=1) / C
-        dx = (g - mean_g[:, None] - x_hat * mean_gx[:, None]) * rstd_f[:, None]
-        if RESIDUAL:
-            dx += dh.to(ACC)
-            acc_gate += dx * y.to(ACC)
-            tl.store(DY + offs, (dx * gate[None, :]).to(DY.dtype.element_ty), mask=mask)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-        if PREFETCH:
-            x, dout, mean, rstd, dh, y = nx, ndout, nmean, nrstd, ndh, ny
-
-    part = (b.to(tl.int64) * n_chunks + chunk) * C + cols
+    part = (b * n_chunks + chunk) * C
     plane = B.to(tl.int64) * n_chunks * C
-    tl.store(PART + part, tl.sum(acc_shift, axis=0), mask=col_ok)
-    tl.store(PART + plane + part, tl.sum(acc_scale, axis=0), mask=col_ok)
-    if RESIDUAL:
-        tl.store(PART + 2 * plane + part, tl.sum(acc_gate, axis=0), mask=col_ok)
+    _store_partials(PART, plane, part + cols_a, acc_shift_a, acc_scale_a, acc_gate_a, ok_a, RESIDUAL)
+    if SPLIT:
+        _store_partials(PART, plane, part + cols_b, acc_shift_b, acc_scale_b, acc_gate_b, ok_b, RESIDUAL)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -180,18 +280,66 @@ def _acc_dtype(dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _launch_config(C, N, backward=False):
-    """(rows per tile, BLOCK_C, num_warps), from a sweep on an H200 (bf16, CUDA-graph
-    timed, C in {384, 768, 1152}): the forward liked ~32 elements per thread per tensor
-    and 2K-4K-element tiles; the backward, which holds more tensors (and a prefetched
-    second set), ~16 elements per thread and 2K-element tiles. 8 warps on small tiles
-    cost up to 2x in the backward; 64 elements per thread with prefetch spilled (10x)."""
-    block_c = triton.next_power_of_2(C)
-    target = 2048 if backward or block_c <= 512 else 4096
-    rows = max(1, min(16, target // block_c, triton.next_power_of_2(N)))
-    tile = rows * block_c
-    num_warps = max(4, min(16, tile // 512)) if backward else max(2, min(16, tile // 1024))
-    return rows, block_c, num_warps
+def _pow2_floor(n):
+    return 1 << (n.bit_length() - 1)
+
+
+def column_blocks(C, split=True):
+    """(BLOCK_A, BLOCK_B): two powers of two covering C with little padding (1152 =
+    1024 + 128); BLOCK_B is 0 when one block fits exactly or split is off."""
+    if not split:
+        return triton.next_power_of_2(C), 0
+    block_a = _pow2_floor(C)
+    rest = C - block_a
+    return block_a, (triton.next_power_of_2(rest) if rest else 0)
+
+
+class Launch(NamedTuple):
+    """How one kernel call is tiled: ROWS tokens by the two column blocks, per program."""
+    rows: int
+    block_a: int
+    block_b: int  # 0: one column block
+    num_warps: int
+    prefetch: int = 0  # backward only: tiles loaded ahead (0, 1 or 2)
+
+    def constexprs(self):
+        return dict(ROWS=self.rows, BLOCK_A=self.block_a, BLOCK_B=max(self.block_b, 1), SPLIT=self.block_b > 0)
+
+
+def launch_config(C, N, backward=False):
+    """The tiling used for width C and N tokens.
+
+    Forward: from a sweep on an H200 (bf16, CUDA-graph timed, C in {384, 768, 1152}):
+    ~32 elements per thread per tensor and 2K-4K-element tiles of one padded column block.
+    It reached 89% of copy bandwidth there, and its registers leave occupancy at the warp
+    limit, so it is left as measured.
+
+    Backward: the same sweep settled on 2K-element tiles with one tile prefetched, which
+    ran at ~60% of copy bandwidth; ptxas (kernels/registers.py) puts that tiling at 217
+    registers for the gated kernel at C = 1152, two programs per SM, one tile of loads in
+    flight each. Split columns and ~1K-element tiles free enough registers to keep two
+    tiles in flight at three or four programs per SM, 3-4x the loads in flight, with no
+    spills at any DiT width (tests/test_kernel_registers.py checks that). Not yet timed on
+    a GPU: benchmarks/adaln_sweep.py times this tiling against the alternatives.
+    """
+    block_a, block_b = column_blocks(C, split=backward)
+    width = block_a + block_b
+    if not backward:
+        rows = min(16, _pow2_floor(max(1, (2048 if width <= 512 else 4096) // width)), triton.next_power_of_2(N))
+        return Launch(rows, block_a, block_b, _pow2_floor(max(2, min(16, rows * width // 1024))))
+    rows = min(16, _pow2_floor(max(1, 1024 // width)), triton.next_power_of_2(N))
+    tile = rows * width
+    num_warps = _pow2_floor(max(4, min(16, tile // 256)))
+    per_thread = tile // (32 * num_warps)  # elements of each tensor per thread
+    # at 16 warps a thread gets at most 128 registers; wide rows then go without prefetch
+    return Launch(rows, block_a, block_b, num_warps, 2 if per_thread <= (8 if num_warps == 16 else 12) else 0)
+
+
+def backward_grid(B, N, rows, programs):
+    """(chunks per sample, tiles per program) for about `programs` backward programs."""
+    tiles = triton.cdiv(N, rows)
+    tiles_per_prog = triton.cdiv(tiles, max(1, min(tiles, triton.cdiv(programs, B))))
+    return triton.cdiv(tiles, tiles_per_prog), tiles_per_prog
 
 
 def _programs_wanted(device):
@@ -239,12 +387,12 @@ def adaln_forward(x, shift, scale, eps=1e-6, y=None, gate=None, out=None, h=None
     out = torch.empty_like(x) if out is None else out
     mean = torch.empty((B, N), device=x.device, dtype=acc_torch) if mean is None else mean
     rstd = torch.empty((B, N), device=x.device, dtype=acc_torch) if rstd is None else rstd
-    rows, block_c, num_warps = _launch_config(C, N)
-    grid = (triton.cdiv(N, rows), B)
+    launch = launch_config(C, N)
+    grid = (triton.cdiv(N, launch.rows), B)
     _adaln_fwd_kernel[grid](
         x, y if residual else x, gate if residual else shift, shift, scale,
         h if residual else out, out, mean, rstd, N, C, eps,
-        RESIDUAL=residual, ROWS=rows, BLOCK_C=block_c, ACC=acc_tl, num_warps=num_warps)
+        RESIDUAL=residual, ACC=acc_tl, num_warps=launch.num_warps, **launch.constexprs())
     return out, (h if residual else None), mean, rstd
 
 
@@ -262,18 +410,15 @@ def adaln_backward(x, scale, mean, rstd, dout, y=None, gate=None, dh=None, dx=No
     if residual:
         dh = torch.zeros_like(x) if dh is None else dh.contiguous()
         dy = torch.empty_like(y) if dy is None else dy
-    rows, block_c, num_warps = _launch_config(C, N, backward=True)
-    tiles = triton.cdiv(N, rows)
-    chunks_wanted = max(1, min(tiles, triton.cdiv(_programs_wanted(x.device), B)))
-    tiles_per_prog = triton.cdiv(tiles, chunks_wanted)
-    n_chunks = triton.cdiv(tiles, tiles_per_prog)
+    launch = launch_config(C, N, backward=True)
+    n_chunks, tiles_per_prog = backward_grid(B, N, launch.rows, _programs_wanted(x.device))
     part = torch.empty((3 if residual else 2, B, n_chunks, C), device=x.device, dtype=acc_torch)
-    prefetch = PREFETCH and rows * block_c <= 16 * 32 * num_warps  # more would spill
     _adaln_bwd_kernel[(n_chunks, B)](
         x, y if residual else x, gate if residual else scale, scale, mean, rstd,
         dh if residual else dout, dout, dx, dy if residual else dx, part,
         N, C, n_chunks, tiles_per_prog,
-        RESIDUAL=residual, ROWS=rows, BLOCK_C=block_c, ACC=acc_tl, PREFETCH=prefetch, num_warps=num_warps)
+        RESIDUAL=residual, ACC=acc_tl, PREFETCH=launch.prefetch, num_warps=launch.num_warps,
+        **launch.constexprs())
     sums = part.sum(2).to(x.dtype)  # one deterministic reduction for all partials
     dgate = sums[2] if residual else None
     return dx, (dy if residual else None), dgate, sums[0], sums[1]

@@ -341,17 +341,21 @@ def run_benchmarks(out_path=None, quick=False):
     shapes = ADALN_QUICK if quick else ADALN_FULL
     attn = os.environ.get("FLOWPRE_BENCH_ATTN")  # e.g. "256:72,1024:77:64": N:D or M:N:D to time
     attn_shapes = [tuple(int(v) for v in p.split(":")) for p in attn.split(",")] if attn else None
-    report["rows"] += _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL + ATTN_CROSS))
-    report["rows"] += _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw)
-    report["rows"] += _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw)
-    # no graph timing for the loss: the reference's bincount syncs with the host, which
-    # graph capture forbids (and a failed capture can poison the CUDA context)
-    report["rows"] += _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw,
-                                   graph=False)
+    sections = [
+        lambda: _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw),
+        lambda: _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw),
+        lambda: _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL + ATTN_CROSS)),
+        # no graph timing for the loss: the reference's bincount syncs with the host, which
+        # graph capture forbids (and a failed capture can poison the CUDA context)
+        lambda: _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw,
+                             graph=False)]
+    for section in sections:
+        report["rows"] += section()
+        if out_path:  # after every section, so a run cut off by a device lease keeps what it measured
+            with open(out_path, "w") as f:
+                json.dump(report, f, indent=1)
     _print_table(report)
     if out_path:
-        with open(out_path, "w") as f:
-            json.dump(report, f, indent=1)
         print(f"wrote {out_path}")
     return report
 

@@ -163,3 +163,39 @@ def test_torch_backend_is_the_reference(kernel_device):
     x, y, gate, shift, scale = _inputs((2, 3, 8), torch.float32, kernel_device, seed=2)
     assert torch.equal(adaln.adaln_modulate(x, shift, scale, backend="torch"),
                        adaln.adaln_modulate_reference(x, shift, scale))
+
+
+# Tilings the sweep (benchmarks/adaln_sweep.py) may pick: split or padded columns, one or
+# several rows per tile, 0-2 tiles prefetched. Each must compute the same gradients.
+TILINGS = [(1, True, 0), (2, True, 1), (4, True, 2), (2, False, 2), (1, False, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,split,prefetch", TILINGS)
+def test_every_tiling_matches_reference(kernel_device, monkeypatch, rows, split, prefetch, dtype):
+    def tiling(C, N, backward=False):
+        a, b = adaln.column_blocks(C, split)
+        return adaln.Launch(rows, a, b, 4, prefetch if backward else 0)
+    monkeypatch.setattr(adaln, "launch_config", tiling)
+    # 50 tokens of 385 columns (256 + 256 split): several tiles per backward program,
+    # the last one partial, and a chunk end that is not a tile end
+    inputs = _inputs((3, 50, 385), dtype, kernel_device, seed=rows * 10 + prefetch)
+    got, want = _grads_vs_reference(
+        lambda *a: adaln.gated_residual_adaln(*a, backend="triton"),
+        adaln.gated_residual_adaln_reference, inputs, 2, kernel_device, dtype)
+    for name, a, b in zip(["h", "out", "dx", "dy", "dgate", "dshift", "dscale"], got, want):
+        assert _rel(a, b) < _tol(dtype), (name, _rel(a, b))
+
+
+def test_column_blocks_cover_width_with_little_padding():
+    for C in range(1, 3000):
+        a, b = adaln.column_blocks(C)
+        assert a & (a - 1) == 0 and (b == 0 or b & (b - 1) == 0)
+        assert a <= C <= a + b or (b == 0 and a == C)
+        assert a + b <= triton_next_pow2(C)
+    assert adaln.column_blocks(1152) == (1024, 128)
+    assert adaln.column_blocks(1152, split=False) == (2048, 0)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
