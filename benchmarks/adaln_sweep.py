@@ -51,7 +51,7 @@ def static(shape, launch, gated, backward=True, arch=90):
     B, N, C = shape
     consts = dict(RESIDUAL=gated, ACC=tl.float32, **launch.constexprs())
     if backward:
-        n_chunks, tiles_per_prog = adaln.backward_grid(B, N, launch.rows, 8 * SMS)
+        n_chunks, tiles_per_prog = adaln.backward_grid(B, N, launch.rows, 3 * SMS)
         args = dict(X=BF16, Y=BF16, GATE=BF16, SCALE=BF16, MEAN=FP32, RSTD=FP32, DH=BF16, DOUT=BF16, DX=BF16,
                     DY=BF16, PART=FP32, N=N, C=C, n_chunks=n_chunks, tiles_per_prog=tiles_per_prog)
         consts["PREFETCH"] = launch.prefetch

@@ -7,7 +7,10 @@ streaming multiprocessor keeps in flight), and occupancy is set by registers per
 thread, so this is the first thing to check before a kernel change reaches a GPU.
 
     resources(kernel, args, constexprs, num_warps, arch=90)
-      -> {"registers", "stack_bytes", "shared_bytes", "blocks_per_sm", "warps_per_sm"}
+      -> {"registers", "stack_bytes", "shared_bytes", "blocks_per_sm", "warps_per_sm",
+          "global_loads_by_bytes"}
+    resident_programs(compiled, num_warps): the same occupancy for a kernel compiled on
+      the GPU (kernels/adaln.py sizes its backward grid with it)
 
 args gives each runtime argument as a launch would: a pointer as its type ("*bf16"),
 taken to be 16-byte aligned like every torch allocation, an integer or float as its
@@ -83,7 +86,7 @@ def _specialise(fn, args, constexprs):
     return signature, consts, attrs
 
 
-def resources(kernel, args, constexprs, num_warps, arch=90, num_stages=3):
+def compile_offline(kernel, args, constexprs, num_warps, arch=90, num_stages=3):
     """Compile `kernel` (a @triton.jit function) for sm_`arch` as a launch with `args` would."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -96,8 +99,29 @@ def resources(kernel, args, constexprs, num_warps, arch=90, num_stages=3):
     signature, consts, attrs = _specialise(fn, args, constexprs)
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
                        attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(kernel, args, constexprs, num_warps, arch=90, num_stages=3):
+    """Registers, stack, shared memory, occupancy and load widths of compile_offline's result."""
+    compiled = compile_offline(kernel, args, constexprs, num_warps, arch, num_stages)
+    registers, stack, shared = _cubin_usage(compiled)
+    blocks = occupancy(registers, shared, num_warps, arch)
+    return {"registers": registers, "stack_bytes": stack, "shared_bytes": shared,
+            "blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
+            "global_loads_by_bytes": _load_widths(compiled.asm["ptx"])}
+
+
+def resident_programs(compiled, num_warps):
+    """Programs of a compiled kernel (what a launch or .warmup returns) that fit on one SM at once."""
+    registers, _, shared = _cubin_usage(compiled)
+    arch = compiled.metadata.target.arch
+    return occupancy(registers, shared, num_warps, arch if arch in SM_LIMITS else 90)
+
+
+def _cubin_usage(compiled):
+    """(registers per thread, stack bytes, shared bytes) of a compiled kernel, read by cuobjdump."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
@@ -105,13 +129,10 @@ def resources(kernel, args, constexprs, num_warps, arch=90, num_stages=3):
                                capture_output=True, text=True, check=True).stdout
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if not found:
-        raise RuntimeError(f"no resource usage in cuobjdump's output for {fn.__name__}:\n{usage}")
+        raise RuntimeError(f"no resource usage in cuobjdump's output for {compiled.metadata.name}:\n{usage}")
     registers, stack, shared, local = (int(v) for v in found.groups())
-    shared = max(shared, compiled.metadata.shared)  # Triton's dynamic shared memory is not in the cubin
-    blocks = occupancy(registers, shared, num_warps, arch)
-    return {"registers": registers, "stack_bytes": stack + local, "shared_bytes": shared,
-            "blocks_per_sm": blocks, "warps_per_sm": blocks * num_warps,
-            "global_loads_by_bytes": _load_widths(compiled.asm["ptx"])}
+    # Triton's dynamic shared memory is in the metadata, not the cubin
+    return registers, stack + local, max(shared, compiled.metadata.shared)
 
 
 def _load_widths(ptx):

@@ -37,6 +37,17 @@ for B, N, C in {shapes!r}:
             launch = adaln.launch_config(C, N, backward=backward)
             res = adaln_sweep.static((B, N, C), launch, gated, backward=backward)
             out.append(dict(C=C, gated=gated, backward=backward, launch=launch._asdict(), **res))
+# what the backward's grid sizing reads from a kernel compiled on the GPU
+from kernels import registers
+import triton.language as tl
+B, N, C = {shapes[-2]!r}
+launch = adaln.launch_config(C, N, backward=True)
+n_chunks, per = adaln.backward_grid(B, N, launch.rows, 396)
+compiled = registers.compile_offline(adaln._adaln_bwd_kernel, dict(
+    X="*bf16", Y="*bf16", GATE="*bf16", SCALE="*bf16", MEAN="*fp32", RSTD="*fp32", DH="*bf16", DOUT="*bf16",
+    DX="*bf16", DY="*bf16", PART="*fp32", N=N, C=C, n_chunks=n_chunks, tiles_per_prog=per),
+    dict(RESIDUAL=True, ACC=tl.float32, PREFETCH=launch.prefetch, **launch.constexprs()), launch.num_warps)
+out.append(dict(resident=registers.resident_programs(compiled, launch.num_warps)))
 print(json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -49,7 +60,8 @@ print(json.dumps(out))
 @needs_ptxas
 def test_adaln_tilings_do_not_spill_and_backward_keeps_occupancy():
     report = _compile_report(SHAPES)
-    assert len(report) == 4 * len(SHAPES)
+    assert len(report) == 4 * len(SHAPES) + 1
+    resident = report.pop()["resident"]
     for r in report:
         what = f"C={r['C']} gated={r['gated']} backward={r['backward']} {r['launch']}"
         assert r["stack_bytes"] == 0, f"register spill: {what}: {r}"
@@ -59,6 +71,7 @@ def test_adaln_tilings_do_not_spill_and_backward_keeps_occupancy():
     # programs per SM with two tiles in flight (the padded tiling fits two, with one)
     assert xl[True, True]["launch"]["prefetch"] == 2
     assert xl[True, True]["blocks_per_sm"] >= 3, xl[True, True]
+    assert resident == xl[True, True]["blocks_per_sm"]  # the runtime's reading agrees
     # and the 1024-column block loads 16 bytes per thread: Triton proved the alignment
     assert "16" in xl[True, True]["global_loads_by_bytes"], xl[True, True]
 
