@@ -23,6 +23,12 @@ if ! python3 -c "import flowpre.kernels" 2>/dev/null; then
     ln -sfn ../kernels flowpre/kernels
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
+if ! python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check needs a CUDA GPU; nothing measured. Without one, the same kernel tests run through"
+    echo "the Triton interpreter in the test suite, and 'python benchmarks/adaln_sweep.py --offline'"
+    echo "reports the adaLN kernels' registers and occupancy for sm_90."
+    exit 0
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 

@@ -104,3 +104,14 @@ def test_group_out_of_range_raises_on_cpu():
 def test_bench_without_gpu_exits_cleanly(tmp_path, capsys):
     assert bench.main(["--out", str(tmp_path / "bench.json"), "--quick"]) == 0
     assert "needs a CUDA GPU; nothing measured" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the whole check")
+def test_gpu_check_without_gpu_exits_cleanly(tmp_path):
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "launchers" / "gpu_check.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA GPU; nothing measured" in done.stdout
+    assert not any((tmp_path / "out").iterdir())  # no half-made result files
