@@ -414,6 +414,10 @@ def adaln_forward(x, shift, scale, eps=1e-6, y=None, gate=None, out=None, h=None
     out = torch.empty_like(x) if out is None else out
     mean = torch.empty((B, N), device=x.device, dtype=acc_torch) if mean is None else mean
     rstd = torch.empty((B, N), device=x.device, dtype=acc_torch) if rstd is None else rstd
+    if x.numel() == 0:  # no samples, tokens or columns: nothing to normalise
+        mean.zero_()
+        rstd.zero_()
+        return out, (h if residual else None), mean, rstd
     launch = launch_config(C, N)
     grid = (triton.cdiv(N, launch.rows), B)
     _adaln_fwd_kernel[grid](
@@ -437,6 +441,9 @@ def adaln_backward(x, scale, mean, rstd, dout, y=None, gate=None, dh=None, dx=No
     if residual:
         dh = torch.zeros_like(x) if dh is None else dh.contiguous()
         dy = torch.empty_like(y) if dy is None else dy
+    if x.numel() == 0:  # every per-sample gradient is a sum over no tokens
+        zeros = torch.zeros((B, C), device=x.device, dtype=x.dtype)
+        return dx, (dy if residual else None), (zeros if residual else None), zeros, zeros.clone()
     launch = launch_config(C, N, backward=True)
     constexprs = dict(RESIDUAL=residual, ACC=acc_tl, PREFETCH=launch.prefetch, num_warps=launch.num_warps,
                       **launch.constexprs())

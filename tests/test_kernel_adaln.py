@@ -237,3 +237,18 @@ def test_backward_occupancy_is_learnt_once_and_falls_back(monkeypatch):
     monkeypatch.setattr(adaln.registers, "resident_programs", no_tools)
     with pytest.warns(UserWarning, match="cuobjdump is missing"):
         assert adaln._backward_slots(x, False, launch, [], {"num_warps": 4}) == 4 * 132
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 3, 8), (2, 3, 0)])
+def test_empty_inputs_give_empty_outputs_and_zero_grads(kernel_device, shape):
+    b, n, c = shape
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(b, n, c, generator=g).to(kernel_device).requires_grad_() for _ in range(2))
+    gate, shift, scale = (torch.randn(b, c, generator=g).to(kernel_device).requires_grad_() for _ in range(3))
+    h, out = adaln.gated_residual_adaln(x, y, gate, shift, scale, backend="triton")
+    assert h.shape == out.shape == (b, n, c)
+    (h.sum() + out.sum()).backward()
+    for t in (x, y, gate, shift, scale):
+        assert t.grad.shape == t.shape and not t.grad.any()
+    m = adaln.adaln_modulate(x.detach(), shift.detach(), scale.detach(), backend="triton")
+    assert m.shape == (b, n, c)
