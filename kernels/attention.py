@@ -32,6 +32,8 @@ _LOG2E = 1.4426950408889634
 
 def attention_reference(q, k, v, scale=None):
     """softmax(q k^T * scale) v, scale defaulting to 1/sqrt(D)."""
+    if scale is None and q.shape[-1] == 0:
+        raise ValueError("attention: head dim D=0 has no default scale 1/sqrt(D)")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
@@ -50,6 +52,8 @@ def _check_inputs(q, k, v):
     if not (k.shape == v.shape and q.shape[:2] == k.shape[:2] and q.shape[3] == k.shape[3]):
         raise ValueError(f"attention: shapes must match as q (B, H, M, D), k and v (B, H, N, D), got "
                          f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError("attention: head dim D=0: nothing to attend with")
     if k.shape[2] == 0 and q.shape[2] > 0:
         raise ValueError(f"attention: softmax over no keys is undefined: k has N=0, q has M={q.shape[2]}")
     if not (q.device == k.device == v.device):
@@ -69,7 +73,7 @@ def _check_buffer(name, buf, shape, dtype, device, contiguous=False):
     if buf.shape != shape or buf.dtype != dtype or buf.device != device:
         raise ValueError(f"attention: {name} must be {tuple(shape)} {dtype} on {device}, "
                          f"got {tuple(buf.shape)} {buf.dtype} on {buf.device}")
-    if not (buf.is_contiguous() if contiguous else buf.stride(-1) == 1):
+    if buf.numel() and not (buf.is_contiguous() if contiguous else buf.stride(-1) == 1):  # empty: nothing to lay out
         raise ValueError(f"attention: {name} must have " + ("contiguous layout" if contiguous else "unit stride in D"))
 
 

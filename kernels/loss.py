@@ -121,13 +121,16 @@ def _check(pred, target, weight, group, num_groups):
     if target.shape != pred.shape:
         raise ValueError(f"target shape {tuple(target.shape)} != pred shape {tuple(pred.shape)}")
     B = pred.shape[0]
+    if pred.numel() == 0:  # the reference's mean over nothing is NaN; say why instead
+        raise ValueError(f"pred has no elements (shape {tuple(pred.shape)}): a loss over no samples "
+                         f"or no values per sample is undefined")
     if not weight.is_floating_point() or tuple(weight.shape) != (B,):
         raise ValueError(f"weight must be a float tensor of shape ({B},), got {weight.dtype} {tuple(weight.shape)}")
     if group.dtype != torch.int64 or tuple(group.shape) != (B,):
         raise ValueError(f"group must be an int64 tensor of shape ({B},), got {group.dtype} {tuple(group.shape)}")
     if not 1 <= num_groups <= MAX_GROUPS:
         raise ValueError(f"num_groups must be in [1, {MAX_GROUPS}], got {num_groups}")
-    if group.is_cuda or B == 0 or torch.compiler.is_compiling():
+    if group.is_cuda or torch.compiler.is_compiling():
         return  # a range check there would sync with the host (or break the graph)
     if int(group.min()) < 0 or int(group.max()) >= num_groups:
         raise ValueError(f"group ids must lie in [0, {num_groups}), got [{int(group.min())}, {int(group.max())}]")

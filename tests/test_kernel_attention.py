@@ -203,3 +203,20 @@ def test_triton_on_cpu_without_interpreter_raises():
     res = subprocess.run([sys.executable, "-c", code, REPO], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "RAISED" in res.stdout and "TRITON_INTERPRET" in res.stdout, res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("shape", [(0, 2, 5, 8), (2, 0, 5, 8)])
+def test_empty_batch_or_heads_give_empty_outputs(kernel_device, shape):
+    q, k, v = (torch.randn(*shape, device=kernel_device, requires_grad=True) for _ in range(3))
+    out = attn.attention(q, k, v, backend="triton")
+    assert out.shape == shape
+    out.sum().backward()  # an empty expanded grad: no stride to check, nothing to compute
+    for t in (q, k, v):
+        assert t.grad.shape == shape
+
+
+def test_zero_head_dim_is_refused():
+    q = torch.randn(1, 1, 5, 0)
+    for backend in ("triton", "torch"):
+        with pytest.raises(ValueError, match="head dim D=0"):
+            attn.attention(q, q, q, backend=backend)

@@ -115,3 +115,11 @@ def test_gpu_check_without_gpu_exits_cleanly(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "needs a CUDA GPU; nothing measured" in done.stdout
     assert not any((tmp_path / "out").iterdir())  # no half-made result files
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (2, 0), (2, 4, 0)])
+def test_empty_input_is_refused_by_name(shape):
+    pred = torch.randn(*shape)
+    weight, group = torch.rand(shape[0]), torch.zeros(shape[0], dtype=torch.int64)
+    with pytest.raises(ValueError, match="pred has no elements"):
+        loss.flow_loss(pred, torch.randn(*shape), weight, group, 2, backend="triton")
