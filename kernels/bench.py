@@ -296,11 +296,14 @@ def _memory_rows(timer, kernel, shapes, make, peak, copy_bw, graph=True):
 
 # ----------------------------------------------------------------------------- report
 
-def _print_table(report):
+def _print_header(report):
     print(f"device {report['device']}  torch {report['torch']}  triton {report['triton']}  "
           f"commit {report['git_commit'][:12]}  copy {report['copy_gbps']:.0f} GB/s  "
           f"HBM peak {report['hbm_peak_gbps'] or 'unknown'} GB/s")
-    for row in report["rows"]:
+
+
+def _print_rows(rows):
+    for row in rows:
         shape = "x".join(map(str, row["shape"])) + (f" kv{row['kv_len']}" if "kv_len" in row else "")
         if "error" in row:
             print(f"{row['kernel']:22s} {shape:18s} ERROR {row['error'][:100]}")
@@ -318,7 +321,7 @@ def _print_table(report):
                     cells.append(f"{name} {res[f'{mode}_ms']:.3f}ms {res[f'{mode}_{unit}']:.0f}{label}{extra}")
             if not cells:
                 continue
-            ratios = " ".join(f"{k[8:]}={v:.2f}x" for k, v in row.items()
+            ratios = " ".join(f"{k[8:-len(mode) - 1]}={v:.2f}x" for k, v in row.items()
                               if k.startswith("speedup_") and k.endswith("_" + mode))
             print(f"{row['kernel']:22s} {shape:18s} {mode:13s} " + " | ".join(cells) + f"  {ratios}")
 
@@ -349,12 +352,14 @@ def run_benchmarks(out_path=None, quick=False):
         # graph capture forbids (and a failed capture can poison the CUDA context)
         lambda: _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw,
                              graph=False)]
-    for section in sections:
-        report["rows"] += section()
-        if out_path:  # after every section, so a run cut off by a device lease keeps what it measured
+    _print_header(report)
+    for section in sections:  # printed and saved as each ends: a run cut off by a lease keeps what it measured
+        rows = section()
+        _print_rows(rows)
+        report["rows"] += rows
+        if out_path:
             with open(out_path, "w") as f:
                 json.dump(report, f, indent=1)
-    _print_table(report)
     if out_path:
         print(f"wrote {out_path}")
     return report

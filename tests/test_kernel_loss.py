@@ -123,3 +123,17 @@ def test_empty_input_is_refused_by_name(shape):
     weight, group = torch.rand(shape[0]), torch.zeros(shape[0], dtype=torch.int64)
     with pytest.raises(ValueError, match="pred has no elements"):
         loss.flow_loss(pred, torch.randn(*shape), weight, group, 2, backend="triton")
+
+
+def test_bench_table_prints_a_committed_gpu_report(capsys):
+    """The table printer on the rows an H200 run wrote (the GPU path cannot run here)."""
+    import json
+    from pathlib import Path
+    report = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/kernels_h200.json").read_text())
+    bench._print_header(report)
+    bench._print_rows(report["rows"])
+    out = capsys.readouterr().out
+    assert "H200" in out.splitlines()[0]
+    line = next(x for x in out.splitlines() if x.startswith("gated_residual_adaln") and "fwd_bwd_graph" in x)
+    assert "61%pk" in line and "vs_compiled=1.53x" in line
+    assert sum(x.startswith("attention") for x in out.splitlines()) >= 3
