@@ -361,12 +361,12 @@ def backward_grid(B, N, rows, slots):
 _RESIDENT = {}  # (device, dtype, residual, launch) -> backward programs resident per SM
 
 
-def _backward_slots(x, residual, launch, args, constexprs):
+def _backward_slots(device, dtype, residual, launch, args, constexprs):
     """Backward programs that run at once: per SM, from the compiled kernel's registers
     (read once per tiling), times the SM count. 4 under the interpreter."""
-    if x.device.type != "cuda":
+    if device.type != "cuda":
         return 4
-    key = (x.device.index, x.dtype, residual, launch)
+    key = (device.index, dtype, residual, launch)
     if key not in _RESIDENT:
         try:
             compiled = _adaln_bwd_kernel.warmup(*args, grid=(1, 1), **constexprs)
@@ -374,7 +374,7 @@ def _backward_slots(x, residual, launch, args, constexprs):
         except Exception as e:  # noqa: BLE001 - a triton without its NVIDIA tools: fall back to a fixed guess
             warnings.warn(f"adaLN backward: occupancy unknown ({type(e).__name__}: {e}); assuming 4 programs per SM")
             _RESIDENT[key] = 4
-    return _RESIDENT[key] * torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _RESIDENT[key] * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(x, shift, scale, y=None, gate=None):
@@ -449,7 +449,8 @@ def adaln_backward(x, scale, mean, rstd, dout, y=None, gate=None, dh=None, dx=No
                       **launch.constexprs())
     args = [x, y if residual else x, gate if residual else scale, scale, mean, rstd,
             dh if residual else dout, dout, dx, dy if residual else dx]
-    slots = _backward_slots(x, residual, launch, args + [mean, N, C, 3, 5], constexprs)
+    # occupancy is read from a compile with stand-in grid sizes (3, 5): the real ones depend on it
+    slots = _backward_slots(x.device, x.dtype, residual, launch, args + [mean, N, C, 3, 5], constexprs)
     n_chunks, tiles_per_prog = backward_grid(B, N, launch.rows, slots)
     part = torch.empty((3 if residual else 2, B, n_chunks, C), device=x.device, dtype=acc_torch)
     _adaln_bwd_kernel[(n_chunks, B)](*args, part, N, C, n_chunks, tiles_per_prog, **constexprs)

@@ -138,3 +138,47 @@ def test_sweep_offline_reports_every_candidate(tmp_path):
     bad = subprocess.run([sys.executable, "benchmarks/adaln_sweep.py", "--widths", "999"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--widths 999" in bad.stderr
+
+
+@needs_ptxas
+def test_backward_reads_its_occupancy_from_a_real_compile():
+    """adaln_backward's own warmup call, compiled for sm_90 under a stand-in CUDA driver
+    (no GPU here), yields the occupancy the grid is sized by: 3 programs on each of 132 SMs
+    for the gated backward at DiT-XL width."""
+    script = """
+import sys, types, torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+class StandInCuda:  # what JITFunction.warmup asks of a driver; nothing is launched
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+driver.set_active(StandInCuda())
+from kernels import adaln
+torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=132)
+real = adaln._backward_slots
+
+class Stop(Exception):
+    pass
+
+def on_gpu(device, *rest):
+    raise Stop(real(torch.device("cuda", 0), *rest))
+adaln._backward_slots = on_gpu
+B, N, C = 32, 1024, 1152
+g = torch.Generator().manual_seed(0)
+h, y, dh, dout = (torch.randn(B, N, C, generator=g).bfloat16() for _ in range(4))
+gate, scale = (torch.randn(B, C, generator=g).bfloat16() for _ in range(2))
+mean, rstd = torch.randn(B, N), torch.rand(B, N)
+try:
+    adaln.adaln_backward(h, scale, mean, rstd, dout, y=y, gate=gate, dh=dh)
+except Stop as stop:
+    print("slots", stop.args[0])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "occupancy unknown" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "slots 396", done.stdout
