@@ -182,3 +182,57 @@ except Stop as stop:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "occupancy unknown" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "slots 396", done.stdout
+
+
+@needs_ptxas
+def test_attention_gpu_path_compiles_for_sm90():
+    """The interpreter runs attention with fp32 tiles; on a GPU the tiles are 16-bit and go
+    to tensor cores, a path only a GPU compile exercises. Each kernel's untuned config (the
+    first of its pool) is compiled here as the launcher would for a bf16 DiT head (D = 72)
+    and a wide fp16 head (D = 200); at DiT shapes it must not spill."""
+    script = """
+import importlib, json, torch
+A = importlib.import_module("kernels.attention")
+K = importlib.import_module("kernels.attention_kernels")
+from kernels import registers
+out = []
+for D, dtype in ((72, torch.bfloat16), (200, torch.float16)):
+    q = torch.empty(4, 16, 1024, D, dtype=dtype, device="meta")
+    meta, align = A._meta(q), A._align(q)
+    strides = A._strides(q, align)
+    width = meta["DL"] + meta["DH"]
+    pool = "small" if width <= 128 else "large"
+    tp = "*bf16" if dtype == torch.bfloat16 else "*fp16"
+    for name, kernel, table, outer_is_m in (("fwd", K._fwd_kernel, "fwd", True),
+                                            ("dkdv", K._bwd_dkdv_kernel, "bwd", False),
+                                            ("dq", K._bwd_dq_kernel, "bwd", True)):
+        a, b, warps, stages = K._TABLES[table][pool][0]
+        consts = dict(meta, ALIGN=align, BLOCK_M=a if outer_is_m else b, BLOCK_N=b if outer_is_m else a)
+        args = dict(H=16, M=1024, N=1024, M_BUCKET=1024, N_BUCKET=1024, qk_scale=0.1)
+        for arg in kernel.arg_names:
+            if arg in consts or arg in args:
+                continue
+            if arg == "EVEN_N":
+                consts[arg] = True
+            elif arg == "scale":
+                args[arg] = 0.1
+            elif arg in ("LSE", "DELTA"):
+                args[arg] = "*fp32"
+            elif arg.isupper():
+                args[arg] = tp
+            else:  # a stride: b, h or n by its last letter
+                args[arg] = strides["bhn".index(arg[-1])]
+        res = registers.resources(kernel, args, consts, warps, num_stages=stages)
+        out.append(dict(D=D, kernel=name, pool=pool, stack=res["stack_bytes"], registers=res["registers"]))
+print(json.dumps(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {(r["D"], r["kernel"]) for r in report} == {(d, k) for d in (72, 200) for k in ("fwd", "dkdv", "dq")}
+    for r in report:
+        assert r["registers"] > 0, r
+        if r["pool"] == "small":  # the DiT head dims: no spills
+            assert r["stack"] == 0, r
