@@ -236,3 +236,39 @@ print(json.dumps(out))
         assert r["registers"] > 0, r
         if r["pool"] == "small":  # the DiT head dims: no spills
             assert r["stack"] == 0, r
+
+
+@needs_ptxas
+def test_loss_and_attention_delta_kernels_compile_for_sm90():
+    """The remaining kernels' GPU builds (bf16, a DiT-XL/2 latent batch), none spilling."""
+    script = """
+import importlib, json
+import triton.language as tl
+K = importlib.import_module("kernels.attention_kernels")
+L = importlib.import_module("kernels.loss")
+from kernels import registers
+M, B = 4 * 32 * 32, 256
+block, warps = L._block(M)
+cases = [
+    (L._sq_err_kernel, dict(P="*bf16", T="*bf16", PART="*fp32", M=M, n_chunks=5, tiles_per_prog=3),
+     dict(BLOCK=block, ACC=tl.float32), warps),
+    (L._finish_kernel, dict(PART="*fp32", WEIGHT="*fp32", GROUP="*i64", TOTAL="*fp32", GROUPS="*fp32",
+                            MEANS="*fp32", B=B, M=M, n_chunks=5, G=8),
+     dict(BLOCK_B=128, BLOCK_K=8, BLOCK_G=8, ACC=tl.float32), 4),
+    (L._loss_bwd_kernel, dict(P="*bf16", T="*bf16", WEIGHT="*fp32", GRAD="*fp32", DPRED="*bf16", B=B, M=M),
+     dict(BLOCK=block, ACC=tl.float32), warps),
+    (K._bwd_delta_kernel, dict(O="*bf16", DO="*bf16", DELTA="*fp32", sob=147456, soh=9216, son=9, sdb=147456,
+                               sdh=9216, sdn=9, H=16, M=1024),
+     dict(D=72, BLOCK_D=128, ALIGN=8, ACC=tl.float32, BLOCK_M=64), 4),
+]
+print(json.dumps([dict(name=k.fn.__name__ if hasattr(k, "fn") else k.__name__, **registers.resources(k, a, c, w))
+                  for k, a, c, w in cases]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 4
+    for r in report:
+        assert r["registers"] > 0 and r["stack_bytes"] == 0, r
