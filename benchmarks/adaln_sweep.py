@@ -19,7 +19,6 @@ import sys
 from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be compiled, not interpreted
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
