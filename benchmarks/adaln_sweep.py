@@ -18,7 +18,6 @@ import os
 import sys
 from unittest import mock
 
-os.environ.pop("TRITON_INTERPRET", None)  # the kernels must be compiled, not interpreted
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import torch  # noqa: E402
@@ -26,6 +25,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from kernels import adaln, bench, registers  # noqa: E402
+from kernels.backend import interpreter_on  # noqa: E402
 
 # (B, N, C): DiT-XL/2 at 512 px, DiT-B/2 and DiT-S/2 at 256 px (as in kernels/bench.py)
 SHAPES = [(32, 1024, 1152), (256, 256, 768), (256, 64, 384)]
@@ -75,7 +75,7 @@ def time_candidate(timer, shape, gated, launch, nbytes, inputs, grads, fn):
     return ms, nbytes / (ms * 1e-3)
 
 
-def sweep(out_path, shapes, offline, kinds):
+def sweep(out_path, shapes, offline, kinds, compiled=True):
     cuda = torch.cuda.is_available() and not offline
     report = {"timed": cuda, "arch": "sm_90", "torch": torch.__version__, "triton": triton.__version__,
               "git_commit": bench._git_commit(),
@@ -98,7 +98,7 @@ def sweep(out_path, shapes, offline, kinds):
         if cuda:
             torch._dynamo.reset()
             inputs, grads, impls, _, nbytes = bench._adaln_case(shape, gated)
-            compiled_ms = timer.graph(bench._fwd_bwd(impls["compiled"], inputs, grads))
+            compiled_ms = timer.graph(bench._fwd_bwd(impls["compiled"], inputs, grads)) if compiled else None
         for i, launch in enumerate(candidates(C, N)):
             row = {"kernel": kernel, "shape": list(shape), "launch": launch._asdict(), "today": i == 0}
             try:
@@ -107,18 +107,24 @@ def sweep(out_path, shapes, offline, kinds):
                 # times the tiles each keeps loading); streaming kernels need ~20-40 KB
                 loads = (4 if gated else 2) * 2 * launch.rows * C * max(1, launch.prefetch)
                 row["loads_in_flight_kb"] = row["blocks_per_sm"] * loads / 1024
-                if cuda and row["stack_bytes"] == 0:
-                    ms, bw = time_candidate(timer, shape, gated, launch, nbytes, inputs, grads, impls["triton"])
-                    row.update(fwd_bwd_ms=ms, fwd_bwd_gbps=bw / 1e9, vs_compiled=compiled_ms / ms,
-                               pct_copy=100 * bw / (report["copy_gbps"] * 1e9))
-                    if peak:
-                        row["pct_hbm_peak"] = 100 * bw / peak
             except Exception as e:  # noqa: BLE001 - a failed candidate is a result, not the end of the sweep
                 row["error"] = bench._err(e)
+            try:
+                if cuda and row.get("stack_bytes", 0) == 0:  # spilling tilings are not worth the time
+                    ms, bw = time_candidate(timer, shape, gated, launch, nbytes, inputs, grads, impls["triton"])
+                    row.update(fwd_bwd_ms=ms, fwd_bwd_gbps=bw / 1e9, pct_copy=100 * bw / (report["copy_gbps"] * 1e9))
+                    if compiled_ms:
+                        row["vs_compiled"] = compiled_ms / ms
+                    if peak:
+                        row["pct_hbm_peak"] = 100 * bw / peak
+            except Exception as e:  # noqa: BLE001
+                row["timing_error"] = bench._err(e)
             report["rows"].append(row)
             timing = (f"  {row['fwd_bwd_gbps']:6.0f} GB/s {row.get('pct_hbm_peak', 0):4.0f}%pk "
-                      f"{row['vs_compiled']:.2f}x compile" if "fwd_bwd_ms" in row else "")
-            resources = row.get("error", "")[:80] or (f"regs {row['registers']:3d} stack {row['stack_bytes']:4d} "
+                      f"{row['pct_copy']:4.0f}%copy" if "fwd_bwd_ms" in row else "")
+            timing += f" {row['vs_compiled']:.2f}x compile" if "vs_compiled" in row else ""
+            timing += f" timing failed: {row['timing_error'][:60]}" if "timing_error" in row else ""
+            resources = row.get("error", "")[:60] or (f"regs {row['registers']:3d} stack {row['stack_bytes']:4d} "
                                                       f"warps/SM {row['warps_per_sm']:2d} "
                                                       f"in flight {row['loads_in_flight_kb']:3.0f} KB")
             print(f"{kernel:21s} {B}x{N}x{C:<5d} {'*' if i == 0 else ' '} {describe(launch):42s} {resources}{timing}")
@@ -138,7 +144,11 @@ def main(argv=None):
     parser.add_argument("--offline", action="store_true", help="registers and occupancy only, even on a GPU")
     parser.add_argument("--widths", default=None, help="comma-separated C values to keep from the shape list")
     parser.add_argument("--kinds", default="gated,plain", help="gated (gated_residual_adaln), plain (adaln_modulate)")
+    parser.add_argument("--no-compiled", action="store_true",
+                        help="skip the torch.compile baseline (its compile takes tens of seconds; kernels.bench has it)")
     args = parser.parse_args(argv)
+    if interpreter_on():
+        parser.error("TRITON_INTERPRET is set: the kernels must be compiled, not interpreted; unset it")
     if not registers.available():
         print("this triton install bundles no ptxas/cuobjdump; cannot compile offline")
         return 1
@@ -153,7 +163,7 @@ def main(argv=None):
         if k not in ("gated", "plain"):
             parser.error(f"--kinds: unknown kind {k!r}; use gated and/or plain")
         kinds.append(k == "gated")
-    sweep(args.out, shapes, args.offline, kinds)
+    sweep(args.out, shapes, args.offline, kinds, compiled=not args.no_compiled)
     return 0
 
 

@@ -39,7 +39,7 @@ echo "== 2/4 kernel benchmarks =="
 timeout "${BENCH_S:-160}" python3 -m kernels.bench --out "$OUT/kernels.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.log"
 echo "== 3/4 adaLN backward tiling sweep =="
 timeout "${SWEEP_S:-80}" python3 benchmarks/adaln_sweep.py --out "$OUT/adaln_sweep.json" \
-    ${SWEEP_FLAGS:---widths 1152 --kinds gated} 2>&1 | tee "$OUT/adaln_sweep.log"
+    ${SWEEP_FLAGS:---widths 1152 --kinds gated --no-compiled} 2>&1 | tee "$OUT/adaln_sweep.log"
 echo "== 4/4 training throughput =="
 timeout "${TRAIN_S:-90}" python3 benchmarks/train_throughput.py --models ${THROUGHPUT_MODELS:-DiT-B/2,DiT-XL/2} \
     --batch 64 --out "$OUT/train_throughput.json"
