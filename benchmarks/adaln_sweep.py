@@ -96,7 +96,8 @@ def sweep(out_path, shapes, offline, kinds, compiled=True):
         B, N, C = shape
         kernel = "gated_residual_adaln" if gated else "adaln_modulate"
         if cuda:
-            torch._dynamo.reset()
+            if compiled:
+                torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit's eager fallback
             inputs, grads, impls, _, nbytes = bench._adaln_case(shape, gated)
             compiled_ms = timer.graph(bench._fwd_bwd(impls["compiled"], inputs, grads)) if compiled else None
         for i, launch in enumerate(candidates(C, N)):
