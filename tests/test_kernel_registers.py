@@ -25,6 +25,20 @@ SHAPES = [(256, 64, 384), (256, 256, 768), (64, 256, 1024), (32, 1024, 1152), (8
 needs_ptxas = pytest.mark.skipif(not registers.available(), reason="this triton wheel bundles no ptxas")
 
 
+def _compiled(args, timeout=600, returncode=0):
+    """Run python with `args` in the repo with the interpreter off (kernels compiled, not
+    interpreted); returns the finished process after checking its exit status."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == returncode, done.stderr[-3000:]
+    return done
+
+
+def _last_json(done):
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _compile_report(shapes):
     script = f"""
 import json, sys
@@ -51,11 +65,7 @@ compiled = registers.compile_offline(adaln._adaln_bwd_kernel, dict(
 out.append(dict(resident=registers.resident_programs(compiled, launch.num_warps)))
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return _last_json(_compiled(["-c", script]))
 
 
 @needs_ptxas
@@ -123,10 +133,7 @@ class _FakeFn:
 @needs_ptxas
 def test_sweep_offline_reports_every_candidate(tmp_path):
     out = tmp_path / "sweep.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "benchmarks/adaln_sweep.py", "--offline", "--widths", "384", "--kinds",
-                           "plain", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _compiled(["benchmarks/adaln_sweep.py", "--offline", "--widths", "384", "--kinds", "plain", "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["timed"] is False and "nothing timed" in report["device"]
     rows = report["rows"]
@@ -136,9 +143,8 @@ def test_sweep_offline_reports_every_candidate(tmp_path):
         assert "error" not in r, r
         assert r["kernel"] == "adaln_modulate" and r["shape"] == [256, 64, 384]
         assert r["registers"] > 0 and r["loads_in_flight_kb"] > 0
-    bad = subprocess.run([sys.executable, "benchmarks/adaln_sweep.py", "--widths", "999"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--widths 999" in bad.stderr
+    bad = _compiled(["benchmarks/adaln_sweep.py", "--widths", "999"], timeout=120, returncode=2)
+    assert "--widths 999" in bad.stderr
 
 
 @needs_ptxas
@@ -177,10 +183,7 @@ try:
 except Stop as stop:
     print("slots", stop.args[0])
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _compiled(["-c", script])
     assert "occupancy unknown" not in done.stderr, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "slots 396", done.stdout
 
@@ -227,11 +230,7 @@ for D, dtype in ((72, torch.bfloat16), (200, torch.float16)):
         out.append(dict(D=D, kernel=name, pool=pool, stack=res["stack_bytes"], registers=res["registers"]))
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _last_json(_compiled(["-c", script], timeout=900))
     assert {(r["D"], r["kernel"]) for r in report} == {(d, k) for d in (72, 200) for k in ("fwd", "dkdv", "dq")}
     for r in report:
         assert r["registers"] > 0, r
@@ -265,11 +264,7 @@ cases = [
 print(json.dumps([dict(name=k.fn.__name__ if hasattr(k, "fn") else k.__name__, **registers.resources(k, a, c, w))
                   for k, a, c, w in cases]))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = _last_json(_compiled(["-c", script]))
     assert len(report) == 4
     for r in report:
         assert r["registers"] > 0 and r["stack_bytes"] == 0, r
