@@ -67,7 +67,7 @@ def cmd_sample(args):
         null = model.null_class
     noise = seeded_noise((n, C, H, H), args.seed, device)
     rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, null,
-                         step_inputs=model.sampling_inputs) for s in args.steps]
+                         step_inputs=model.sampling_inputs, time_inputs=model.time_inputs) for s in args.steps]
     vae = vae_for_dataset(meta["dataset"], device)  # latent models decode through their shards' VAE
     rows = [decode(vae, r) for r in rows] if vae is not None else rows
     save_grid(torch.cat(rows), args.out, ncol=n)

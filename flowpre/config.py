@@ -48,27 +48,39 @@ class ModelConfig:
     # caption conditioning (flowpre/text.py): a local CLIP text model or T5 encoder folder
     text_encoder: str = _f("")
     text_max_length: int = _f(77, lo=1)
+    # 2 = the DiT also takes the jump's end sigma_end (METHOD.md section 8); needed by meanflow(_fd)
+    time_inputs: int = _f(1, choices=(1, 2))
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = _f("fm", choices=("fm", "scfm", "shortcut"))
+    name: str = _f("fm", choices=("fm", "scfm", "shortcut", "meanflow", "meanflow_fd"))
     cond_drop_prob: float = _f(0.1, lo=0.0, hi=1.0)
     sigma_sampler: str = _f("logit_normal", choices=("uniform", "logit_normal"))
     logit_mean: float = _f(0.0)
     logit_std: float = _f(1.0, lo=0.0)
     sigma_shift: float = _f(1.0, lo=1e-3)
-    # SCFM (objectives/scfm.py)
+    # per-sample loss weight stopgrad(1 / (mse_i + c)^p) (METHOD.md section 8); auto = adaptive
+    # for meanflow and meanflow_fd (as MeanFlow trains), none for the others
+    loss_weighting: str = _f("auto", choices=("auto", "none", "adaptive"))
+    loss_weight_p: float = _f(1.0, lo=0.0)
+    loss_weight_c: float = _f(1e-3, lo=0.0)
+    # SCFM (objectives/scfm.py); for meanflow(_fd) the share of samples with r = t
     fm_fraction: float = _f(0.75, lo=0.0, hi=1.0)
     n_max: int = _f(16, lo=2)
     n_weighting: str = _f("uniform", choices=("uniform", "small"))
     shift_min: float = _f(2.5, lo=1e-3)
     shift_max: float = _f(4.5, lo=1e-3)
-    guidance_scale: float = _f(1.0, lo=0.0)  # 1 = no guidance distillation
+    guidance_scale: float = _f(1.0, lo=0.0)  # 1 = no guidance distillation (meanflow: w of its CFG target)
+    guidance_mix: float = _f(0.0, lo=0.0, hi=1.0)  # meanflow's k: share of the conditional velocity in the CFG target
     step_conditioning: bool = _f(False)  # METHOD.md section 7: SCFM with a step-size input (scfm.py)
     teacher: str = _f("")  # distillation mode: a frozen exported .safetensors
     teacher_fraction: float = _f(0.4, lo=0.0, hi=1.0)
     teacher_grid: int = _f(32, lo=2)
+    # finite-difference MeanFlow (objectives/meanflow.py): half the gap of the central difference,
+    # and the network that makes its two no-grad forwards
+    fd_delta: float = _f(5e-3, lo=1e-6, hi=0.25)
+    fd_network: str = _f("student", choices=("student", "ema_fast"))
     # Shortcut Models baseline (objectives/shortcut.py)
     bootstrap_fraction: float = _f(0.125, lo=0.0, hi=1.0)
 
@@ -239,6 +251,12 @@ def _validate_together(cfg: Config, source: str):
     if not cfg.sample.steps or any(int(s) != s or s < 1 for s in cfg.sample.steps):
         raise ConfigError(f"{source}: key 'sample.steps': expected a list of positive integers")
     cfg.sample.steps = [int(s) for s in cfg.sample.steps]
+    if cfg.objective.name in ("meanflow", "meanflow_fd") and cfg.model.time_inputs != 2:
+        raise ConfigError(f"{source}: key 'model.time_inputs': objective.name={cfg.objective.name} needs a two-time "
+                          f"model (model.time_inputs=2), got {cfg.model.time_inputs}")
+    if cfg.objective.name == "shortcut" and cfg.model.time_inputs != 1:
+        raise ConfigError(f"{source}: key 'model.time_inputs': objective.name=shortcut conditions on the step size "
+                          "through its own embedder; use model.time_inputs=1")
     if cfg.train.batch_size % cfg.train.grad_accum:
         raise ConfigError(f"{source}: key 'train.batch_size': {cfg.train.batch_size} is not divisible by "
                           f"train.grad_accum={cfg.train.grad_accum}")

@@ -42,11 +42,14 @@ def guided_velocity(model, x, sigma, cond, null_cond, cfg_scale, **model_kwargs)
 
 
 @torch.no_grad()
-def euler_sample(model, noise, cond, num_steps, shift=1.0, cfg_scale=1.0, null_cond=None, step_inputs=None):
+def euler_sample(model, noise, cond, num_steps, shift=1.0, cfg_scale=1.0, null_cond=None, step_inputs=None,
+                 time_inputs=1):
     """Integrate from noise (sigma ~ 1) to data with `num_steps` Euler steps.
 
     model(x, sigma, cond, **kwargs) -> velocity; `step_inputs(num_steps, batch)` may
-    return extra model inputs (the shortcut baseline's step-size level).
+    return extra model inputs (the shortcut baseline's step-size level). A two-time model
+    (time_inputs=2) is told where each step ends: (sigma_j, sigma_{j+1}) at step j, so its
+    output is the average velocity of the jump and one step lands where the flow would.
     """
     if cfg_scale != 1.0 and null_cond is None:
         raise ValueError("classifier-free guidance needs the null condition")
@@ -55,6 +58,8 @@ def euler_sample(model, noise, cond, num_steps, shift=1.0, cfg_scale=1.0, null_c
     x = noise
     for j in range(num_steps):
         sigma = sigmas[j].expand(x.shape[0])
+        if time_inputs == 2:
+            kwargs["sigma_end"] = sigmas[j + 1].expand(x.shape[0])
         v = guided_velocity(model, x, sigma, cond, null_cond, cfg_scale, **kwargs)
         x = x - (sigmas[j] - sigmas[j + 1]) * v.to(x.dtype)
     return x

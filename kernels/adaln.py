@@ -39,12 +39,14 @@ MAX_C = 16384  # one row lives in registers; beyond this the kernel would spill 
 
 
 def adaln_modulate_reference(x, shift, scale, eps=1e-6):
-    """LayerNorm(x) * (1 + scale) + shift, in x's dtype."""
-    xf = x.float()
+    """LayerNorm(x) * (1 + scale) + shift, in x's dtype; computed in fp32 (float64 in float64,
+    as the kernels do, so derivative checks in float64 see float64 arithmetic)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
     mean = xf.mean(-1, keepdim=True)
     var = xf.var(-1, keepdim=True, unbiased=False)
     x_hat = (xf - mean) * torch.rsqrt(var + eps)
-    out = x_hat * (1 + scale.float()[:, None]) + shift.float()[:, None]
+    out = x_hat * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
     return out.to(x.dtype)
 
 

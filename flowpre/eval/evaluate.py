@@ -146,7 +146,7 @@ def generate(model, num_samples, steps, seed, shift, cfg, batch_size, device):
         noise = bank.get(start, end).to(device)
         cond = torch.arange(start, end, device=device) % model.num_classes
         x = euler_sample(model, noise, cond, steps, shift, cfg, model.null_class,
-                         step_inputs=model.sampling_inputs)
+                         step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         yield quantize(x), cond, bad
 

@@ -3,6 +3,10 @@
 Read top to bottom: embedders, the block, the final layer, the model, the size registry.
 The model sees (x_sigma, sigma, condition) and nothing else; sigma in [0, 1] is scaled
 by 1000 for the sinusoidal embedder (the range its frequencies were designed for).
+With time_inputs=2 the DiT also takes the jump's end sigma_end (METHOD.md section 8): the
+jump length sigma - sigma_end goes through its own embedder (last layer zero-initialised,
+so a new two-time model computes what the one-time model computes) and is added to the
+conditioning vector; sigma_end = sigma asks for the instantaneous velocity.
 The condition is a class id, or for text models (text_dim > 0) the frozen text
 encoder's output [pooled; tokens] (flowpre/text.py): the pooled vector joins the adaLN
 conditioning, the token states are attended to by a cross-attention in every block.
@@ -11,6 +15,7 @@ Every LayerNorm + modulate, residual gate and attention call goes through
 flowpre.kernels so that one switch (`kernels`: auto | triton | torch) picks the fused
 Triton kernels or their PyTorch references for the whole network.
 """
+import contextlib
 import math
 
 import numpy as np
@@ -34,7 +39,9 @@ class TimestepEmbedder(nn.Module):
     def forward(self, sigma):
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-        args = self.scale * sigma.float()[:, None] * freqs[None]  # (B, half)
+        # fp32 at least: float64 stays float64 (the finite-difference checks of d/dsigma need it)
+        sigma = sigma.to(torch.promote_types(sigma.dtype, torch.float32))
+        args = self.scale * sigma[:, None] * freqs[None].to(sigma.dtype)  # (B, half)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, freq_dim)
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
@@ -161,8 +168,11 @@ class FinalLayer(nn.Module):
 
 class DiT(nn.Module):
     def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
-                 num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0, text_dim=0, text_tokens=0):
+                 num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
+                 time_inputs=1):
         super().__init__()
+        if time_inputs not in (1, 2):
+            raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs!r}")
         if image_size % patch:
             raise ValueError(f"image_size {image_size} is not divisible by the patch size {patch}")
         if hidden % heads:
@@ -170,7 +180,7 @@ class DiT(nn.Module):
         self.in_channels, self.out_channels = in_channels, in_channels
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
-        self.step_levels = step_levels
+        self.step_levels, self.time_inputs = step_levels, time_inputs
         self.text_dim, self.text_tokens = text_dim, text_tokens  # text models: cond is (B, text_tokens, text_dim)
         self.activation_checkpointing = False  # set by the engine (train.activation_checkpointing)
         self.grid = image_size // patch
@@ -180,6 +190,8 @@ class DiT(nn.Module):
         self.y_embed = TextEmbedder(text_dim, hidden) if text_dim else LabelEmbedder(num_classes, hidden)
         # step-size input d = 2^-level, only for the Shortcut Models baseline
         self.d_embed = nn.Embedding(step_levels, hidden) if step_levels else None
+        # two-time models: the jump length sigma - sigma_end, embedded like sigma
+        self.jump_embed = TimestepEmbedder(hidden) if time_inputs == 2 else None
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, bool(text_dim)) for _ in range(depth)])
         self.final = FinalLayer(hidden, patch, self.out_channels)
@@ -205,6 +217,9 @@ class DiT(nn.Module):
             nn.init.normal_(self.d_embed.weight, std=0.02)
         for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
             nn.init.normal_(lin.weight, std=0.02)
+        if self.jump_embed is not None:  # zero output: a new two-time model is the one-time model
+            nn.init.normal_(self.jump_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.jump_embed.mlp[2].weight)
         # adaLN-Zero: modulation and output start at zero
         for block in self.blocks:
             nn.init.zeros_(block.ada[-1].weight)
@@ -221,11 +236,13 @@ class DiT(nn.Module):
         x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(B, C, g * p, g * p)
 
-    def forward(self, x, sigma, cond, step_level=None):
+    def forward(self, x, sigma, cond, step_level=None, sigma_end=None):
         """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids or, for text models,
         (B, text_tokens, text_dim) encoder output -> velocity (B, C, H, W).
 
-        step_level (B,) int: d = 2^-level, for models built with step_levels > 0 only."""
+        step_level (B,) int: d = 2^-level, for models built with step_levels > 0 only.
+        sigma_end (B,) <= sigma: where the jump ends, for models built with time_inputs=2 only;
+        the output is then the average velocity over [sigma_end, sigma]."""
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
@@ -242,6 +259,10 @@ class DiT(nn.Module):
             raise ValueError("step_level must be given exactly when the model has a step-size embedder")
         if self.d_embed is not None:
             c = c + self.d_embed(step_level)
+        if (self.jump_embed is None) != (sigma_end is None):
+            raise ValueError("sigma_end must be given exactly when the model has two time inputs (time_inputs=2)")
+        if self.jump_embed is not None:
+            c = c + self.jump_embed(sigma - sigma_end)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(block, h, c, self.kernels, context, use_reentrant=False)
@@ -262,7 +283,7 @@ class DiT(nn.Module):
         N, h, r, d = self.grid ** 2, self.hidden, self.mlp_ratio, self.depth
         per_block = N * (4 + 2 * r) * h * h + 2 * N * N * h + 6 * h * h
         patch_io = N * h * self.patch ** 2 * (self.in_channels + self.out_channels)
-        cond = 256 * h + h * h + 2 * h * h
+        cond = (256 * h + h * h) * (1 + (self.time_inputs == 2)) + 2 * h * h
         if self.text_dim:
             L, t = self.text_tokens - 1, self.text_dim
             per_block += 2 * N * h * h + 2 * L * h * h + 2 * N * L * h
@@ -280,7 +301,25 @@ class DiT(nn.Module):
         return {"in_channels": self.in_channels, "image_size": self.image_size, "patch": self.patch,
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
                 "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels,
-                "text_dim": self.text_dim, "text_tokens": self.text_tokens}
+                "text_dim": self.text_dim, "text_tokens": self.text_tokens, "time_inputs": self.time_inputs}
+
+
+@contextlib.contextmanager
+def reference_kernels(model):
+    """Run `model` on the PyTorch references, attention on SDPA's math path: forward-mode AD
+    (torch.func.jvp, MeanFlow's target) has no rule for the Triton kernels or for SDPA's
+    fused CPU/CUDA kernels. The numbers agree with the fused kernels to their tolerance."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    saved = getattr(model, "kernels", None)  # None: not a DiT (an analytic field in tests)
+    if saved is not None:
+        model.kernels = "torch"
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield model
+    finally:
+        if saved is not None:
+            model.kernels = saved
 
 
 # --- sizes ------------------------------------------------------------------------------
@@ -290,7 +329,8 @@ DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (
 DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)]
 
 
-def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0, text_dim=0, text_tokens=0):
+def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
+              time_inputs=1):
     """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
     try:
         size, patch = name.removeprefix("DiT-").split("/")
@@ -302,4 +342,4 @@ def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_l
     except ValueError:
         raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
     return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels,
-               step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens)
+               step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens, time_inputs=time_inputs)

@@ -1,19 +1,23 @@
 """Training objectives, all with the signature of base.py."""
 from .base import FM, GROUPS, SC, Nets, Targets
 from .flow_matching import FlowMatching
+from .meanflow import MeanFlow
 from .scfm import SCFM
 from .shortcut import Shortcut
 
 
-def build(cfg):
-    """The objective named by `cfg.name` (the `objective` section of the config)."""
+def build(cfg, time_inputs=1):
+    """The objective named by `cfg.name` (the `objective` section of the config), for a DiT with
+    `time_inputs` time inputs (model.time_inputs)."""
     if cfg.name == "fm":
-        return FlowMatching(cfg)
+        return FlowMatching(cfg, time_inputs)
     if cfg.name == "scfm":
-        return SCFM(cfg)
+        return SCFM(cfg, time_inputs)
     if cfg.name == "shortcut":
-        return Shortcut(cfg)
+        return Shortcut(cfg, time_inputs)
+    if cfg.name in ("meanflow", "meanflow_fd"):
+        return MeanFlow(cfg, time_inputs, finite_difference=cfg.name == "meanflow_fd")
     raise ValueError(f"objective.name: {cfg.name!r} is not implemented yet")
 
 
-__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching", "SCFM", "Shortcut"]
+__all__ = ["build", "Nets", "Targets", "GROUPS", "FM", "SC", "FlowMatching", "MeanFlow", "SCFM", "Shortcut"]

@@ -7,7 +7,7 @@ import torch
 
 from flowpre.sampling import shift_sigma
 
-from .base import FM, GROUPS, Targets, drop_labels
+from .base import FM, GROUPS, Targets, adaptive_weighting, drop_labels, jump_inputs
 
 
 def sample_sigma(n, cfg, device, generator):
@@ -30,8 +30,9 @@ class FlowMatching:
     groups = GROUPS
     step_levels = 0
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, time_inputs=1):
+        self.cfg, self.time_inputs = cfg, time_inputs
+        self.adaptive = adaptive_weighting(cfg, default=False)
 
     def __call__(self, batch, nets, generator):
         x_data, cond = batch["x"], batch["cond"]
@@ -46,5 +47,6 @@ class FlowMatching:
             target=eps - x_data,
             weight=torch.ones(B, device=x_data.device),
             group=torch.full((B,), FM, device=x_data.device, dtype=torch.long),
-            sigma_mid=sigma, sigma_next=sigma,
+            sigma_mid=sigma, sigma_next=sigma, extra_inputs=jump_inputs(self.time_inputs, sigma),
+            adaptive=self.adaptive,
         )

@@ -27,6 +27,11 @@ Choices where METHOD.md is silent (each a config key):
   EMAs take the fine steps of grid N at level min(log2 N, top). FM samples train the top
   level. A sampler of N steps feeds min(log2 N, top) (DiT.sampling_inputs), so N >= n_max
   samples with the flow-matching level. Not combined with a teacher (which has no levels).
+- Two times (model.time_inputs=2, METHOD.md section 8): the student's jump is conditioned on
+  its end sigma_{a+2}, the fast EMA's fine step on sigma_{a+1}, the slow EMA's on sigma_{a+2},
+  flow-matching samples on sigma_end = sigma. A teacher gets its end only if it is itself a
+  two-time model (a one-time teacher's instantaneous velocity on the fine teacher grid is
+  what distillation mode used before).
 """
 import math
 
@@ -34,15 +39,16 @@ import torch
 
 from flowpre.sampling import guided_velocity, shift_sigma
 
-from .base import FM, GROUPS, SC, Targets, drop_labels
+from .base import FM, GROUPS, SC, Targets, adaptive_weighting, drop_labels, jump_inputs
 from .flow_matching import noise_like, sample_sigma
 
 
 class SCFM:
     groups = GROUPS
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, time_inputs=1):
+        self.cfg, self.time_inputs = cfg, time_inputs
+        self.adaptive = adaptive_weighting(cfg, default=False)
         self.step_levels = int(math.log2(cfg.n_max)) + 1 if cfg.step_conditioning else 0
         if cfg.step_conditioning and cfg.teacher:
             raise ValueError("objective.step_conditioning cannot be combined with objective.teacher: "
@@ -86,17 +92,21 @@ class SCFM:
         fine = {}  # step-conditioned: the EMAs take the fine steps at level min(log2 N, top)
         if self.step_levels:
             fine = {"step_level": torch.log2(N).round().long().clamp(max=self.step_levels - 1)}
+        fast = {**fine, **jump_inputs(self.time_inputs, sigma_mid)}  # two times: each fine step's own end
+        slow = {**fine, **jump_inputs(self.time_inputs, sigma_next)}
         v1_parts = []
         if n_teacher:
-            v1_parts.append(guided_velocity(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w))
+            tk = jump_inputs(getattr(nets.teacher, "time_inputs", 1), sigma_mid[:n_teacher])
+            v1_parts.append(guided_velocity(nets.teacher, x_a[:n_teacher], sigma_a[:n_teacher], cond[:n_teacher], null, w,
+                                            **tk))
         if n > n_teacher:
             v1_parts.append(guided_velocity(nets.ema_fast, x_a[n_teacher:], sigma_a[n_teacher:], cond[n_teacher:], null, w,
-                                            **{k: v[n_teacher:] for k, v in fine.items()}))
+                                            **{k: v[n_teacher:] for k, v in fast.items()}))
         v1 = torch.cat(v1_parts).float()
         d1 = (sigma_a - sigma_mid).view(n, 1, 1, 1)
         d2 = (sigma_mid - sigma_next).view(n, 1, 1, 1)
         x_mid = x_a - d1 * v1
-        v2 = guided_velocity(nets.ema_slow, x_mid, sigma_mid, cond, null, w, **fine).float()
+        v2 = guided_velocity(nets.ema_slow, x_mid, sigma_mid, cond, null, w, **slow).float()
         target = (d1 * v1 + d2 * v2) / (d1 + d2)
         return x_a, sigma_a, sigma_mid, sigma_next, target, N
 
@@ -133,6 +143,7 @@ class SCFM:
             info["sc_grid_mean"] = N.mean()
             info["sc_jump_mean"] = (sig_a - sig_next).mean()
         info["extra_forward_images"] = 2 * n_sc * (1 if self.cfg.guidance_scale == 1.0 else 2)
+        extra = {"step_level": level} if self.step_levels else {}
         return Targets(x=x, sigma=sigma, cond=dropped, target=target, weight=torch.ones(B, device=device),
                        group=group, info=info, sigma_mid=sigma_mid, sigma_next=sigma_next,
-                       extra_inputs={"step_level": level} if self.step_levels else {})
+                       extra_inputs={**extra, **jump_inputs(self.time_inputs, sigma_next)}, adaptive=self.adaptive)

@@ -17,7 +17,7 @@ import torch
 
 from flowpre.sampling import guided_velocity
 
-from .base import FM, Targets, drop_labels
+from .base import FM, Targets, adaptive_weighting, drop_labels
 from .flow_matching import noise_like, sample_sigma
 
 LEVELS = 8
@@ -29,8 +29,12 @@ class Shortcut:
     groups = ("fm",) + tuple(f"sc_l{level}" for level in range(FINEST))
     step_levels = LEVELS
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, time_inputs=1):
+        if time_inputs != 1:  # its step-size embedder is how Shortcut Models are told the jump
+            raise ValueError("objective.name=shortcut takes model.time_inputs=1: Shortcut Models condition on "
+                             "the step size through their own step-level embedder")
         self.cfg = cfg
+        self.adaptive = adaptive_weighting(cfg, default=False)
 
     @torch.no_grad()
     def bootstrap(self, x_data, eps, cond, nets, generator):
@@ -76,4 +80,4 @@ class Shortcut:
         info = {"extra_forward_images": 2 * n_bs * (1 if self.cfg.guidance_scale == 1.0 else 2)}
         return Targets(x=x, sigma=sigma, cond=cond_out, target=target, weight=torch.ones(B, device=device),
                        group=group, extra_inputs={"step_level": level}, info=info,
-                       sigma_mid=(sigma + sigma_next) / 2, sigma_next=sigma_next)
+                       sigma_mid=(sigma + sigma_next) / 2, sigma_next=sigma_next, adaptive=self.adaptive)

@@ -17,7 +17,7 @@ from flowpre.config import ConfigError, save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
 from flowpre.export import export, load_model
 from flowpre.images import save_grid
-from flowpre.models.dit import build_dit
+from flowpre.models.dit import DiT, build_dit
 from flowpre.objectives import Nets, build
 from flowpre.sampling import euler_sample, seeded_noise
 from flowpre.text import TextEncoder
@@ -52,9 +52,24 @@ def build_model(cfg, dataset, step_levels=0, text=None):
         model, _ = load_model(m.init, kernels=m.kernels)
         if model.step_levels != step_levels:
             raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
+        if model.time_inputs != m.time_inputs:
+            model = with_time_inputs(model, m.time_inputs, m.init)
         return model.train()
     return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
-                     text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0)
+                     text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0,
+                     time_inputs=m.time_inputs)
+
+
+def with_time_inputs(model, time_inputs, source):
+    """A one-time model grown into a two-time one (its new jump embedder outputs zero, so the
+    function is unchanged): start MeanFlow or two-time SCFM from a flow-matching model."""
+    if (model.time_inputs, time_inputs) != (1, 2):
+        raise ValueError(f"model.init: {source} has time_inputs={model.time_inputs}; model.time_inputs={time_inputs} "
+                         "cannot be made from it (only 1 -> 2)")
+    grown = DiT(**{**model.config(), "time_inputs": 2}, kernels=model.kernels)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("jump_embed.") for k in missing), (missing, unexpected)
+    return grown
 
 
 def build_text_encoder(cfg, dataset, device):
@@ -104,7 +119,7 @@ def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts
     for steps in s.steps:
         with autocast(precision(cfg, device), device):
             x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, null,
-                             step_inputs=model.sampling_inputs)
+                             step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
         x = decode(vae, x.float()) if vae is not None else x
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +133,7 @@ def train(cfg):
     dist = init_distributed()
     device, run_dir = dist.device, Path(cfg.run.dir)
     dataset = read_dataset_info(shards)
-    objective = build(cfg.objective)
+    objective = build(cfg.objective, cfg.model.time_inputs)
     text = build_text_encoder(cfg, dataset, device)
     model = build_model(cfg, dataset, objective.step_levels, text).to(device)
     ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
@@ -181,8 +196,8 @@ def train(cfg):
             with autocast(mode, device):
                 t = objective({"x": x, "cond": cond}, nets, generator)
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
-            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.weight, t.group, len(objective.groups),
-                                             backend=cfg.model.kernels)
+            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.loss_weight(pred), t.group,
+                                             len(objective.groups), backend=cfg.model.kernels)
             engine.backward(loss)
             engine.step()
             meter.add(loss, group_losses, t.group, x.shape[0])
