@@ -254,6 +254,10 @@ def _validate_together(cfg: Config, source: str):
     if cfg.objective.name in ("meanflow", "meanflow_fd") and cfg.model.time_inputs != 2:
         raise ConfigError(f"{source}: key 'model.time_inputs': objective.name={cfg.objective.name} needs a two-time "
                           f"model (model.time_inputs=2), got {cfg.model.time_inputs}")
+    if cfg.objective.name == "meanflow" and cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(f"{source}: key 'deepspeed.zero_stage': objective.name=meanflow takes a JVP through the "
+                          "student, and ZeRO-3's parameter hooks are autograd functions without a forward-mode "
+                          "rule; use ZeRO 0-2, or objective.name=meanflow_fd (the JVP-free target) under ZeRO-3")
     if cfg.objective.name == "shortcut" and cfg.model.time_inputs != 1:
         raise ConfigError(f"{source}: key 'model.time_inputs': objective.name=shortcut conditions on the step size "
                           "through its own embedder; use model.time_inputs=1")

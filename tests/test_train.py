@@ -140,14 +140,19 @@ def test_quickstart_short(tmp_path):
     assert grid.size[0] > grid.size[1] > 28  # 2 rows of 5
 
 
-@pytest.mark.parametrize("objective", ["scfm", "shortcut", "scfm_step"])
+VARIANTS = {"scfm_step": ["objective.name=scfm", "objective.step_conditioning=true"],
+            "scfm_two_time": ["objective.name=scfm", "model.time_inputs=2"],
+            "meanflow": ["objective.name=meanflow", "model.time_inputs=2"],
+            "meanflow_fd": ["objective.name=meanflow_fd", "model.time_inputs=2", "objective.fd_network=ema_fast"]}
+
+
+@pytest.mark.parametrize("objective", ["scfm", "shortcut", "scfm_step", "scfm_two_time", "meanflow", "meanflow_fd"])
 def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
     """`flowpre train --config configs/quickstart.yaml objective.name=...` runs and logs both losses
-    (scfm_step: the step-size-conditioned SCFM variant)."""
+    (scfm_step: the step-size-conditioned SCFM variant; the two-time models sample with each step's end)."""
     root = Path(__file__).resolve().parents[1]
     run = tmp_path / objective
-    name = [f"objective.name={objective}"] if objective != "scfm_step" else \
-        ["objective.name=scfm", "objective.step_conditioning=true"]
+    name = VARIANTS.get(objective, [f"objective.name={objective}"])
     train(run, digits, *name, "model.name=DiT-2x48x2/4", "train.max_steps=8",
           "train.batch_size=16", "train.log_every=4", "train.checkpoint_every=8", "sample.every=0",
           "sample.steps=[1,2,4,32]", "sample.num_images=4", "sample.shift=3.0", "data.num_workers=0",
@@ -156,13 +161,29 @@ def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
     assert all(r["loss_fm"] is not None and r["loss_sc"] is not None for r in m)
     if objective == "shortcut":
         assert any(r.get(f"loss_sc_l{level}") is not None for r in m for level in range(7))
+    elif objective.startswith("meanflow"):  # adaptive weighting by default: the plain MSE is logged beside
+        assert all(0 < r["sc_jump_mean"] < 1 and r["loss_mse"] > 0 and r["adaptive_weight_mean"] > 0 for r in m)
     else:
         assert all(r["sc_grid_mean"] >= 2 for r in m)
     for n in (1, 2, 4, 32):
         assert (run / "samples" / f"step0000008_n{n}.png").is_file()
     if objective == "scfm_step":  # levels 0..log2(n_max): the export carries the step-size embedder
         assert weights(run / "model.safetensors")["d_embed.weight"].shape[0] == 5
+    if "model.time_inputs=2" in name:  # the jump embedder was exported, and it learnt (it starts at zero)
+        assert weights(run / "model.safetensors")["jump_embed.mlp.2.weight"].abs().sum() > 0
     flowpre("sample", "--weights", str(run / "model.safetensors"), "--steps", "1,4", "--out", str(tmp_path / "g.png"))
+
+
+@pytest.mark.parametrize("objective,stage", [("meanflow", 2), ("meanflow_fd", 3)])
+def test_meanflow_on_two_ranks(tmp_path, digits, objective, stage):
+    """The JVP target under ZeRO-2, the finite-difference one under ZeRO-3 (where no JVP can run)."""
+    run = tmp_path / objective
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+            str(29640 + stage)], run, digits, f"objective.name={objective}", "model.time_inputs=2",
+           f"deepspeed.zero_stage={stage}", "train.max_steps=3")
+    m = metrics(run)
+    assert len(m) == 3 and all(r["loss_sc"] is not None and torch.isfinite(torch.tensor(r["loss"])) for r in m)
+    assert (run / "model.safetensors").is_file()
 
 
 def test_fewshot_distillation_config(tmp_path, digits):
