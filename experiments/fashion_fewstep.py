@@ -1,23 +1,27 @@
-"""FM vs SCFM vs Shortcut Models at equal training compute on Fashion-MNIST (issue 6).
+"""Few-step objectives at equal training compute on Fashion-MNIST (issues 6 and 12), over seeds.
 
-    python experiments/fashion_fewstep.py                 # the CPU-sized run (~1.5 h on 2 cores)
+    python experiments/fashion_fewstep.py                 # FM vs SCFM vs Shortcut (~1.5 h on 2 cores)
     python experiments/fashion_fewstep.py --scale gpu     # bigger model, longer, more samples
     python experiments/fashion_fewstep.py --variant scfm_fm50=scfm:objective.fm_fraction=0.5 --no-fid
+    python experiments/fashion_fewstep.py --objectives fm,meanflow_fd --seeds 0,1 --name fashion_flowmaps
 
-For each objective: train from configs/experiments/fashion_<objective>.yaml (the three
-differ only in objective.name), export the slow EMA, then `flowpre eval` on the test
-split (--split train when tuning: pick settings on train, report the pick on test): FD
-(the project's classifier) on --num-samples images at every step count, FID (InceptionV3)
-on the first --fid-samples of the same images at --fid-steps. Wall time and training
-FLOPs, including the objective's extra no-grad forwards, are recorded.
-Writes <out>/fashion_fewstep.{json,md,png}.
+For each objective: train from configs/experiments/fashion_<objective>.yaml (they differ only
+in objective.name, and model.time_inputs for the MeanFlow pair), export the slow EMA, then
+`flowpre eval` on the test split (--split train when tuning: pick settings on train, report
+the pick on test): FD (the project's classifier) on --num-samples images at every step
+count, FID (InceptionV3) on the first --fid-samples of the same images at --fid-steps. Wall
+time and training FLOPs, including the objective's extra no-grad forwards, are recorded.
+With --seeds every run is repeated per training seed (seed s also shifts the evaluation
+noise by s); the page shows means and standard deviations (experiments/fewstep_report.py)
+and the flow-map yardstick, FD at 1 and 2 steps over FM's best FD, per seed.
+Writes <out>/<name>.{json,md,png}.
 
 Each stage leaves a file in the run folder and is skipped when that file exists, so an
 interrupted experiment continues where it stopped (--fresh starts over). A variant is an
 extra run, `NAME=OBJECTIVE:key=value,key=value` (config overrides on that objective's
-file), reported beside the three. The goals are checked for `scfm` and for every SCFM
-variant, against the FM and Shortcut runs trained on as many images (a 3000-step SCFM
-variant against a 3000-step FM variant).
+file), reported beside the others. METHOD.md section 6's goals are checked for every SCFM
+group and issue 12's flow-map goals for every JVP-free group (scfm, meanflow_fd), against
+the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM).
 """
 from __future__ import annotations
 
@@ -31,8 +35,10 @@ import sys
 import time
 from pathlib import Path
 
+from fewstep_report import aggregate, check_goals, plot, write_markdown
+
 ROOT = Path(__file__).resolve().parent.parent
-OBJECTIVES = ("fm", "scfm", "shortcut")
+OBJECTIVES = ("fm", "scfm", "shortcut", "meanflow", "meanflow_fd")
 STEPS = [1, 2, 4, 8, 16, 32, 128]
 # Scales change every run identically; the configs hold the CPU scale.
 SCALES = {
@@ -46,14 +52,6 @@ SCALES = {
                             "train.log_every=2", "train.warmup_steps=0", "data.num_workers=0"],
               "num_samples": 8, "fid_samples": 4, "ref_count": 6, "batch_size": 8},
 }
-GOALS = [  # METHOD.md section 6, as issue 6 quantifies it: (text, holds(scfm, fm, shortcut FD by steps))
-    ("SCFM 4-step FD <= 1.3 x FM 128-step FD", lambda s, f, c: s[4] <= 1.3 * f[128]),
-    ("SCFM 128-step FD <= 1.1 x FM 128-step FD", lambda s, f, c: s[128] <= 1.1 * f[128]),
-    ("SCFM 1-step FD <= FM 1-step FD / 3", lambda s, f, c: s[1] <= f[1] / 3),
-    ("SCFM 1-step FD <= Shortcut 1-step FD", lambda s, f, c: s[1] <= c[1]),
-]
-
-
 def flowpre(*args, log):
     """Run the flowpre CLI in a subprocess (each stage gets a clean process, as a user's would)."""
     cmd = [sys.executable, "-m", "flowpre.cli", *map(str, args)]
@@ -80,7 +78,7 @@ def train_flops(run_dir, cfg_overrides, config):
 
     cfg = load_config(config, cfg_overrides)
     dataset = fill_model_shape(cfg)
-    model = build_model(cfg, dataset, build_objective(cfg.objective).step_levels)
+    model = build_model(cfg, dataset, build_objective(cfg.objective, cfg.model.time_inputs).step_levels)
     m = cfg.model
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     overheads = [r["objective_overhead"] for r in records if r.get("objective_overhead") is not None]
@@ -93,10 +91,12 @@ def train_flops(run_dir, cfg_overrides, config):
             "train_img_per_s": sum(speeds) / len(speeds) if speeds else None, "model": m.name}
 
 
-def run_one(name, objective, overrides, args, scale, log):
-    run_dir = Path(args.runs) / name
+def run_one(name, objective, overrides, args, scale, log, seed=0):
+    """Train (train.seed = seed) and evaluate (noise seed --seed + seed) one run; seed 0 keeps the plain name."""
+    run_dir = Path(args.runs) / (name if seed == 0 else f"{name}_s{seed}")
     config = ROOT / "configs" / "experiments" / f"fashion_{objective}.yaml"
     overrides = [f"run.dir={run_dir}", f"data.shards={args.data}/train-*.tar", *scale["overrides"], *overrides]
+    overrides += [f"train.seed={seed}"] if seed else []
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     record = run_dir / "experiment_train.json"
@@ -106,7 +106,7 @@ def run_one(name, objective, overrides, args, scale, log):
     train = {**json.loads(record.read_text()), **train_flops(run_dir, overrides, config)}
     weights = run_dir / "model.safetensors"
     common = ["--weights", weights, "--reference", f"fashion-mnist:{args.split}", "--num-samples", scale["num_samples"],
-              "--batch-size", scale["batch_size"], "--seed", args.seed, "--shift", 1.0, "--cfg", 1.0]
+              "--batch-size", scale["batch_size"], "--seed", args.seed + seed, "--shift", 1.0, "--cfg", 1.0]
     # One eval file per call, named by split, metric and steps; only step counts that no file
     # of the run has scored on this split yet are evaluated (an ablation can add steps).
     def scored(kind):
@@ -131,114 +131,27 @@ def run_one(name, objective, overrides, args, scale, log):
             if int(s) in args.steps:
                 results.setdefault(int(s), {}).update(r)
     meta = next((e for e in evals.values() if "fid" in e["metrics"]), next(iter(evals.values()), {}))
-    return {"name": name, "objective": objective, "config": str(config.relative_to(ROOT)), "overrides": overrides,
+    return {"name": run_dir.name, "group": name, "seed": seed, "objective": objective,
+            "config": str(config.relative_to(ROOT)), "overrides": overrides,
             "train": train, "eval_wall_s": sum(e.get("wall_s", 0) for e in evals.values()),
             "eval": {"num_samples": scale["num_samples"], "fid_samples": meta.get("fid_samples"),
                      "fid_reference_count": meta.get("reference_count"), "reference": f"fashion-mnist:{args.split}",
-                     "shift": 1.0, "cfg": 1.0, "seed": args.seed, "classifier_test_accuracy":
+                     "shift": 1.0, "cfg": 1.0, "seed": args.seed + seed, "classifier_test_accuracy":
                      meta.get("classifier_test_accuracy")},
             "results": {s: results[s] for s in sorted(results)}}
-
-
-def check_goals(runs):
-    def fd(r):
-        return {s: v["fd"] for s, v in r["results"].items()}
-
-    def baseline(objective, images):  # the run of that objective at equal training length
-        same = [r for r in runs if r["objective"] == objective and r["train"]["trained_images"] == images]
-        return fd(min(same, key=lambda r: r["name"] != objective)) if same else {}
-
-    scfm_runs = [r for r in runs if r["objective"] == "scfm"] or [{"name": "scfm", "results": {}, "train": {}}]
-    out = []
-    for run in scfm_runs:
-        images = run["train"].get("trained_images")
-        for text, holds in GOALS:
-            try:
-                met = bool(holds(fd(run), baseline("fm", images), baseline("shortcut", images)))
-            except KeyError:  # an objective or step count was not run
-                met = None
-            out.append({"run": run["name"], "goal": text, "met": met})
-    return out
-
-
-def fmt(v, digits=1):
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def write_markdown(path, summary):
-    runs, steps = summary["runs"], summary["steps"]
-    lines = [f"# Fashion-MNIST: quality against sampling steps, {' vs '.join(r['name'] for r in runs)}", "",
-             f"Produced by `{summary['command']}` on {summary['date']} ({summary['machine']}, "
-             f"commit {summary['commit']}). Lower FD/FID is better.", "",
-             f"## FD (classifier features, {summary['split']} split, "
-             f"{runs[0]['eval']['num_samples']} samples per cell)", "",
-             "| objective | " + " | ".join(f"{s}" for s in steps) + " |",
-             "|---|" + "---:|" * len(steps)]
-    for r in runs:
-        lines.append(f"| {r['name']} | " + " | ".join(fmt(r["results"].get(s, {}).get("fd")) for s in steps) + " |")
-    fid_steps = [s for s in steps if any("fid" in r["results"].get(s, {}) for r in runs)]
-    if fid_steps:
-        lines += ["", f"## FID (InceptionV3, first {runs[0]['eval']['fid_samples']} of the same samples, against "
-                      f"{runs[0]['eval']['fid_reference_count']} {summary['split']} images)", "",
-                  "| objective | " + " | ".join(map(str, fid_steps)) + " |", "|---|" + "---:|" * len(fid_steps)]
-        for r in runs:
-            lines.append(f"| {r['name']} | " + " | ".join(fmt(r["results"].get(s, {}).get("fid")) for s in fid_steps) + " |")
-    lines += ["", "## Class accuracy (the classifier agrees with the requested class)", "",
-              "| objective | " + " | ".join(map(str, steps)) + " |", "|---|" + "---:|" * len(steps)]
-    for r in runs:
-        lines.append(f"| {r['name']} | " + " | ".join(fmt(r["results"].get(s, {}).get("class_accuracy"), 3)
-                                                     for s in steps) + " |")
-    lines += ["", "## Training compute", "",
-              "| objective | model | params | images | objective overhead | train PFLOP | img/s | train wall | eval wall |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        t = r["train"]
-        lines.append(f"| {r['name']} | {t['model']} | {t['params_m']:.2f}M | {t['trained_images']} | "
-                     f"+{t['objective_overhead']:.1%} | {t['train_pflops']:.3f} | {fmt(t['train_img_per_s'])} | "
-                     f"{t['wall_s'] / 60:.1f} min | {r['eval_wall_s'] / 60:.1f} min |")
-    lines += ["", "## Goals (METHOD.md section 6)", ""]
-    for g in summary["goals"]:
-        if g["met"] is not None:
-            lines.append(f"- {'met' if g['met'] else 'MISSED'}: {g['goal'].replace('SCFM', g['run'], 1)}")
-    unjudged = sum(g["met"] is None for g in summary["goals"])
-    if unjudged:
-        lines.append(f"- not judged: {unjudged} goal(s) whose run or step count is not on this page")
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot(path, summary):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    metrics = [m for m in ("fd", "fid") if any(m in v for r in summary["runs"] for v in r["results"].values())]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for r in summary["runs"]:
-            pts = [(s, v[metric]) for s, v in r["results"].items() if metric in v]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=r["name"])
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(summary["steps"], [str(s) for s in summary["steps"]])
-        ax.set_xlabel("sampling steps (Euler)")
-        ax.set_ylabel(metric.upper() + " (lower is better)")
-        ax.set_title(f"Fashion-MNIST {summary['split']}, {metric.upper()}")
-        ax.grid(True, which="both", alpha=0.3)
-        many = len(summary["runs"]) > 4
-        ax.legend(fontsize="x-small" if many else None, ncol=2 if many else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--objectives", default=",".join(OBJECTIVES))
+    p.add_argument("--objectives", default="fm,scfm,shortcut", help=f"any of {','.join(OBJECTIVES)}")
     p.add_argument("--variant", type=parse_variant, action="append", default=[])
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--fid-steps", default="1,4,128")
     p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
-    p.add_argument("--seed", type=int, default=0, help="evaluation seed")
+    p.add_argument("--seed", type=int, default=0, help="evaluation noise seed (plus the training seed)")
+    p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1: every run once per seed; tables "
+                                                "show the mean and standard deviation over them")
     p.add_argument("--split", choices=("test", "train"), default="test",
                    help="reference split: tune on train, report on test")
     p.add_argument("--runs", default="runs/experiments")
@@ -256,16 +169,19 @@ def main(argv=None):
         flowpre("shards", "--source", "fashion-mnist", "--out", args.data, log=log)
     scale = SCALES[args.scale]
     jobs = [(o, o, []) for o in args.objectives.split(",") if o] + args.variant
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     began, runs = time.time(), []
-    for name, objective, overrides in jobs:
-        runs.append(run_one(name, objective, overrides, args, scale, log))
-        log(f"{name}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
+    for seed in seeds:  # seed-major: a cut-off invocation has whole comparisons for the first seeds
+        for name, objective, overrides in jobs:
+            runs.append(run_one(name, objective, overrides, args, scale, log, seed))
+            log(f"{runs[-1]['name']}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
+    groups = aggregate(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {"command": "python experiments/fashion_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "scale": args.scale, "split": args.split, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
                "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, torch "
                + __import__("torch").__version__, "wall_s_this_invocation": time.time() - began,
-               "runs": runs, "goals": check_goals(runs)}
+               "seeds": seeds, "runs": runs, "groups": groups, "goals": check_goals(groups)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")

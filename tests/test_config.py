@@ -70,17 +70,22 @@ def test_cli_exits_nonzero_naming_key(tmp_path):
 
 
 def test_experiment_configs_differ_only_in_the_objective():
-    """configs/experiments/fashion_*.yaml: equal compute and settings, only objective.name (and the run folder) differ."""
+    """configs/experiments/fashion_*.yaml: equal compute and settings, only objective.name (and the run
+    folder; model.time_inputs for the two-time MeanFlow pair) differ."""
     import dataclasses
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "configs" / "experiments"
-    loaded = {name: dataclasses.asdict(load_config(root / f"fashion_{name}.yaml")) for name in ("fm", "scfm", "shortcut")}
+    names = ("fm", "scfm", "shortcut", "meanflow", "meanflow_fd")
+    assert sorted(p.stem for p in root.glob("fashion_*.yaml")) == sorted(f"fashion_{n}" for n in names)
+    loaded = {name: dataclasses.asdict(load_config(root / f"fashion_{name}.yaml")) for name in names}
     for name, cfg in loaded.items():
         assert cfg["objective"]["name"] == name and cfg["run"]["dir"].endswith(f"fashion_{name}")
+        assert cfg["model"]["time_inputs"] == (2 if name.startswith("meanflow") else 1)
         for section in cfg:
             a, b = dict(loaded["fm"][section]), dict(cfg[section])
             for d in (a, b):
                 d.pop("name", None) if section == "objective" else None
                 d.pop("dir", None) if section == "run" else None
+                d.pop("time_inputs", None) if section == "model" else None
             assert a == b, (name, section)

@@ -45,3 +45,38 @@ def test_experiment_script_smoke(tmp_path):
     assert (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime == stamp
     again = json.loads((tmp_path / "out" / "fashion_fewstep.json").read_text())["runs"][0]["results"]
     assert set(again) == {"1", "2", "4"} and again["1"] == run["results"]["1"]
+
+
+def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
+    """fewstep_report on synthetic runs: per-step mean and standard deviation over seeds, the yardstick
+    per seed against that seed's FM best, and the flow-map goals on the means."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fewstep_report as report
+
+    def run(group, objective, seed, fd, overhead=0.0):
+        return {"name": f"{group}_s{seed}", "group": group, "seed": seed, "objective": objective,
+                "results": {s: {"fd": v, "class_accuracy": 0.5} for s, v in fd.items()},
+                "eval": {"num_samples": 8, "fid_samples": None, "fid_reference_count": None},
+                "eval_wall_s": 1.0, "train": {"trained_images": 100, "train_pflops": 3e-13 * (1 + overhead),
+                                              "objective_overhead": overhead, "model": "m", "params_m": 1.0,
+                                              "train_img_per_s": 10.0, "wall_s": 60.0}}
+    runs = [run("fm", "fm", 0, {1: 200.0, 2: 100.0, 128: 40.0}), run("fm", "fm", 1, {1: 220.0, 2: 90.0, 128: 50.0}),
+            run("mf", "meanflow_fd", 0, {1: 48.0, 2: 44.0, 128: 41.0}, 1 / 6),
+            run("mf", "meanflow_fd", 1, {1: 60.0, 2: 55.0, 128: 52.0}, 1 / 6)]
+    groups = report.aggregate(runs)
+    fm, mf = groups
+    assert fm["fd"][1]["mean"] == 210.0 and fm["fd"][1]["std"] == pytest.approx(14.1421, rel=1e-4)
+    # per seed: 48/40 and 60/50 (each seed's own FM best), not the ratio of means
+    assert mf["yardstick"][1]["values"] == pytest.approx([1.2, 1.2]) and mf["yardstick"][2]["mean"] == pytest.approx(1.1)
+    assert mf["flops_per_image"] / fm["flops_per_image"] == pytest.approx(7 / 6)
+    goals = {g["goal"]: g["met"] for g in report.check_goals(groups) if g["run"] == "mf"}
+    assert goals == {"1-step FD <= 1.3 x FM's best FD": True, "2-step FD <= 1.15 x FM's best FD": True,
+                     "128-step FD <= 1.05 x FM's 128-step FD": True, "training FLOPs per image <= 1.35 x FM's": True}
+    summary = {"groups": groups, "runs": runs, "steps": [1, 2, 128], "split": "test", "command": "c", "date": "d",
+               "machine": "m", "commit": "x", "goals": report.check_goals(groups)}
+    report.write_markdown(tmp_path / "page.md", summary)
+    md = (tmp_path / "page.md").read_text()
+    assert "| mf | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
+    assert "- met: mf: 1-step FD <= 1.3 x FM's best FD" in md
+    report.plot(tmp_path / "page.png", summary)
+    assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -394,3 +394,23 @@ def test_scfm_with_two_times_conditions_each_step_on_its_end():
     # the one-time objective's fine steps would be instantaneous (end = start): a different target
     v1_inst = fast(x_a, sa, c, sigma_end=sa)
     assert (v1_inst - v1).abs().max() > 1e-3
+
+
+def test_objective_cost_benchmark_times_every_objective(tmp_path):
+    """The cost benchmark's quick path: every objective steps, the JSON holds time and counted FLOPs."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import objective_cost
+
+    out = tmp_path / "cost.json"
+    objective_cost.main(["--model", "DiT-1x32x2/4", "--batch", "8", "--rounds", "1", "--out", str(out)])
+    rows = {r["objective"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"fm", "scfm", "shortcut", "scfm2", "meanflow", "meanflow_fd"}
+    assert rows["fm"]["ratio_to_fm"] == 1 and rows["fm"]["counted_flops_ratio"] == 1
+    # two no-grad forwards (or one JVP, counted as two) on the quarter of jumps: +1/6
+    for name in ("scfm", "scfm2", "meanflow", "meanflow_fd"):
+        assert rows[name]["counted_flops_ratio"] == pytest.approx(1 + 2 * 2 / (3 * 8)), name
+    assert all(r["median_step_s"] > 0 for r in rows.values())
