@@ -152,9 +152,10 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     from flowpre.config import ConfigError
+    from flowpre.train.integrity import DamagedCheckpoint
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -26,16 +26,15 @@ def student_state_dict(ckpt):
     return torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
 
 
-def export(run_dir=None, out="model.safetensors", ema="slow", checkpoint=None):
+def export(run_dir=None, out="model.safetensors", ema="slow", checkpoint=None, verify=True):
     if ema not in EMA_CHOICES:
         raise ValueError(f"--ema must be one of {EMA_CHOICES}, got {ema!r}")
-    if checkpoint is None:
-        found = complete_checkpoints(run_dir)
-        if not found:
+    if checkpoint is None:  # the newest complete checkpoint that verifies
+        if not complete_checkpoints(run_dir):
             raise FileNotFoundError(f"no complete checkpoint under {Path(run_dir) / 'checkpoints'}")
-        ckpt = found[-1][1]
+        ckpt = resolve_resume("auto", run_dir, verify=verify)
     else:
-        ckpt = resolve_resume(str(checkpoint), run_dir)
+        ckpt = resolve_resume(str(checkpoint), run_dir, verify=verify)
     meta = json.loads((ckpt / "meta.json").read_text())
     if ema == "none":
         state = student_state_dict(ckpt)

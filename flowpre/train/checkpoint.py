@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier
+from .integrity import check, manifest, newest_intact
 
 FINAL = re.compile(r"^step(\d{9})$")
 # Fault injection for tests: SIGKILL this process while writing the checkpoint of this step.
@@ -40,16 +41,26 @@ def complete_checkpoints(run_dir):
     return sorted(found)
 
 
-def resolve_resume(resume, run_dir):
-    """`train.resume` -> a checkpoint folder or None."""
+def resolve_resume(resume, run_dir, dist=None, verify=True):
+    """`train.resume` -> a checkpoint folder or None. auto: the newest complete one whose files match
+    their checksums (a damaged one is warned about and skipped); a path: that one, or an error naming
+    the damaged file. Collective when `dist` is given (the ranks share the hashing)."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
         found = complete_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        if not found or not verify:
+            return found[-1][1] if found else None
+        path = newest_intact(found, dist)
+        if path is None:
+            raise RuntimeError(f"train.resume=auto: every checkpoint under {checkpoints_root(run_dir)} is damaged "
+                               "(see the warnings above); not starting over on top of them")
+        return path
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a complete flowpre checkpoint (no meta.json)")
+    if verify:
+        check(path, dist)
     return path
 
 
@@ -68,6 +79,7 @@ def save_checkpoint(engine, run_dir, step, shared_state, rank_state, dist, meta,
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     barrier()
+    meta = {**meta, "files": manifest(tmp, dist)}  # every rank hashes a share of the files
     if dist.is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again after a resume

@@ -128,7 +128,7 @@ def train(cfg):
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
     step, batches, wandb_id = 0, 0, None
-    ckpt = resolve_resume(cfg.train.resume, run_dir)
+    ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
     if ckpt is not None:
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
         if meta["micro_batch"] != micro:
@@ -211,7 +211,7 @@ def train(cfg):
     if dist.is_main:
         grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
         report.images(step, grids)
-        export(run_dir, weights, ema="slow", checkpoint=last)
+        export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
         trained = (step - start_step) * cfg.train.batch_size
         print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
               f"({trained} images in {elapsed:.0f} s)\n"
