@@ -153,9 +153,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     from flowpre.config import ConfigError
     from flowpre.train.integrity import DamagedCheckpoint
+    from flowpre.train.nonfinite import NonFiniteError
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, DamagedCheckpoint) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

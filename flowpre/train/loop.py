@@ -23,11 +23,13 @@ from flowpre.sampling import euler_sample, seeded_noise
 from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import barrier, init_distributed
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
+from .nonfinite import StepGuard, finite_or_none
+from .preemption import Preemption
 from .report import Reporter
 
 
@@ -127,7 +129,7 @@ def train(cfg):
     mode = precision(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
-    step, batches, wandb_id = 0, 0, None
+    step, batches, wandb_id, consecutive_skips = 0, 0, None, 0
     ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
     if ckpt is not None:
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
@@ -136,6 +138,7 @@ def train(cfg):
                                "the data position cannot be carried over")
         ema.load_state_dict(shared["ema"])
         step, batches, wandb_id = meta["step"], rank_state["batches"], shared.get("wandb_id")
+        consecutive_skips = shared.get("consecutive_skips", 0)
         generator.set_state(rank_state["generator"])
         torch.set_rng_state(rank_state["torch_cpu"])
         if device.type == "cuda":
@@ -161,6 +164,8 @@ def train(cfg):
     prompts = sample_prompts(cfg, shards) if text and dist.is_main else None
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
+    guard = StepGuard(engine, dist.rank, cfg.train.max_skipped_steps, consecutive_skips)
+    preemption, stop = Preemption(dist.rank), False
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
@@ -168,12 +173,13 @@ def train(cfg):
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id}
+        shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id,
+                  "consecutive_skips": guard.consecutive}
         return save_checkpoint(engine, run_dir, step, shared, rank_state, dist, meta, keep=cfg.train.keep_checkpoints)
 
     while step < cfg.train.max_steps:
         step += 1
-        for _ in range(cfg.train.grad_accum):
+        for micro_step in range(cfg.train.grad_accum):
             batch = next(batch_iter)
             batches += 1
             x = batch["x"].to(device, non_blocking=True)
@@ -183,17 +189,23 @@ def train(cfg):
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
             loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.weight, t.group, len(objective.groups),
                                              backend=cfg.model.kernels)
+            loss = guard.inject(loss, step)
             engine.backward(loss)
+            guard.observe(loss)
+            if micro_step == cfg.train.grad_accum - 1:  # all ranks agree on skipping and stopping
+                stop = guard.agree(preemption.requested)
             engine.step()
             meter.add(loss, group_losses, t.group, x.shape[0])
-        ema.update(engine.module, step, zero3)
+        if not guard.finish(step, lambda: (complete_checkpoints(run_dir) or [(0, None)])[-1][1]):
+            ema.update(engine.module, step, zero3)
         report.advance()
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = {"step": step, **meter.read(dist.world_size), "lr": engine.get_lr()[0],
-                      "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count}
+                      "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count,
+                      "skipped_steps": guard.total}
             record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
-            record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
+            record["grad_norm"] = finite_or_none(record["grad_norm"])
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
             # no-grad forwards of EMAs / teacher, in units of the student's forward + backward
             record["objective_overhead"] = record.pop("extra_forward_images", 0.0) / (3 * micro)
@@ -204,9 +216,21 @@ def train(cfg):
             report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
+        if stop:
+            break
 
     elapsed = time.perf_counter() - t_start
-    last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
+    preemption.restore()  # from here on a signal ends the process as usual
+    saved = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+    last = checkpoints_root(run_dir) / f"step{step:09d}" if saved else save(step)
+    if stop:
+        if dist.is_main:
+            print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
+                  f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
+                  f"  continue with the same command and train.resume=auto", flush=True)
+        report.close()
+        barrier()
+        return run_dir
     weights = run_dir / "model.safetensors"
     if dist.is_main:
         grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
