@@ -154,3 +154,45 @@ def test_too_many_nonfinite_steps_stop_naming_step_and_checkpoint(tmp_path, digi
     assert "step 5: 3 consecutive steps" in r.stderr and "train.max_skipped_steps=3" in r.stderr
     assert str(run / "checkpoints" / "step000000004") in r.stderr and "Traceback" not in r.stderr
     assert [x["skipped_steps"] for x in metrics(run)] == [0, 0, 1, 2]  # it stops before logging step 5
+
+
+def _export_like(path, **shape):
+    """A small, valid flowpre export written directly (what `flowpre export` writes)."""
+    from safetensors.torch import save_file
+
+    from flowpre.models.dit import build_dit
+
+    model = build_dit("DiT-2x32x2/4", 1, 8, 10)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+              metadata={"flowpre.model": json.dumps(model.config())})
+    return path
+
+
+def test_damaged_safetensors_is_an_error_naming_the_file(tmp_path):
+    from flowpre.export import WeightsError, load_model
+
+    good = _export_like(tmp_path / "good.safetensors")
+    load_model(good)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(os.urandom(3000))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    for bad in (garbage, truncated):
+        with pytest.raises(WeightsError, match=re.escape(str(bad))):
+            load_model(bad, source="model.init")
+    for cmd in (["sample", "--weights", str(truncated), "--out", str(tmp_path / "g.png")],
+                ["eval", "--weights", str(garbage), "--metric", "fd", "--num-samples", "4"]):
+        r = flowpre(*cmd, check=False)
+        assert r.returncode != 0 and str(cmd[2]) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_resume_with_another_model_names_both(tmp_path, digits):
+    run = tmp_path / "run"
+    train(run, digits, "train.max_steps=2")
+    r = train(run, digits, "train.max_steps=4", "train.resume=auto", "model.name=DiT-2x48x2/4", check=False)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "DiT-2x32x2/4" in r.stderr and "model.name=DiT-2x48x2/4" in r.stderr and "hidden 32" in r.stderr
+    garbage = tmp_path / "init.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    r = train(tmp_path / "run2", digits, f"model.init={garbage}", check=False)
+    assert r.returncode == 2 and f"model.init: {garbage}" in r.stderr and "Traceback" not in r.stderr

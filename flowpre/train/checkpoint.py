@@ -98,6 +98,26 @@ def _prune(root, keep):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _describe(model):
+    return f"DiT-{model.get('depth')}x{model.get('hidden')}x{model.get('heads')}/{model.get('patch')}"
+
+
+def check_same_model(path, model_config, model_name):
+    """Before DeepSpeed loads tensors into the wrong shapes: a ConfigError naming both models."""
+    from flowpre.config import ConfigError
+
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    saved = meta.get("model")
+    if saved is None or saved == model_config:
+        return
+    differ = ", ".join(f"{k} {saved.get(k)} (checkpoint) vs {model_config.get(k)} (config)"
+                       for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k))
+    ckpt_name = meta.get("model_name") or _describe(saved)
+    raise ConfigError(f"train.resume: checkpoint {path} holds a {ckpt_name} model ({_describe(saved)}), but "
+                      f"model.name={model_name} builds {_describe(model_config)}; they differ in {differ}. Resume "
+                      f"with model.name={ckpt_name} (and the same objective), or start a new run.dir")
+
+
 def load_checkpoint(engine, path, dist):
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
@@ -107,6 +127,7 @@ def load_checkpoint(engine, path, dist):
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=False)
+    # flowpre's own files hold only tensors, numbers and strings: no unpickling of arbitrary objects
+    shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=True)
+    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=True)
     return meta, shared, rank_state

@@ -23,7 +23,8 @@ from flowpre.sampling import euler_sample, seeded_noise
 from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
-from .checkpoint import checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (check_same_model, checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume,
+                         save_checkpoint)
 from .distributed import barrier, init_distributed
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
@@ -51,7 +52,7 @@ def build_model(cfg, dataset, step_levels=0, text=None):
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if m.init:  # the architecture comes with the weights; model.name is not consulted
-        model, _ = load_model(m.init, kernels=m.kernels)
+        model, _ = load_model(m.init, kernels=m.kernels, source="model.init")
         if model.step_levels != step_levels:
             raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         return model.train()
@@ -132,6 +133,7 @@ def train(cfg):
     step, batches, wandb_id, consecutive_skips = 0, 0, None, 0
     ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
     if ckpt is not None:
+        check_same_model(ckpt, model.config(), cfg.model.name)
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
         if meta["micro_batch"] != micro:
             raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
@@ -156,7 +158,8 @@ def train(cfg):
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
     # distillation mode: a frozen exported model supplies part of the targets
-    teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
+    teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels,
+                         source="objective.teacher")[0].requires_grad_(False) \
         if cfg.objective.teacher else None
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher,
                 null_cond=text.null if text else model.null_class)
@@ -169,7 +172,8 @@ def train(cfg):
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name,
+                "micro_batch": micro, "model": model.config(), "model_name": cfg.model.name,
+                "dataset": dataset, "objective": cfg.objective.name,
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
