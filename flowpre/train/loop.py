@@ -227,7 +227,7 @@ def train(cfg):
     preemption.restore()  # from here on a signal ends the process as usual
     saved = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
     last = checkpoints_root(run_dir) / f"step{step:09d}" if saved else save(step)
-    if stop:
+    if stop and step < cfg.train.max_steps:  # a signal during the last step: just finish
         if dist.is_main:
             print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
                   f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
