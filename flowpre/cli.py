@@ -47,7 +47,7 @@ def cmd_sample(args):
     from flowpre.vae import decode, vae_for_dataset
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, meta = load_model(args.weights, device)
+    model, meta = load_model(args.weights, device, source="--weights")
     n, C, H = args.num, model.in_channels, model.image_size
     if model.text_dim:  # caption-conditioned: the encoder folder recorded at export
         from flowpre.text import TextEncoder
@@ -152,9 +152,12 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     from flowpre.config import ConfigError
+    from flowpre.train.integrity import DamagedCheckpoint
+    from flowpre.train.nonfinite import NonFiniteError
+    from flowpre.export import WeightsError
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

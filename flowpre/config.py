@@ -110,6 +110,8 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, lo=1)
     resume: str = _f("none")  # none | auto | path to a checkpoint folder
     log_every: int = _f(10, lo=1)
+    # a step with a non-finite loss or grad norm is skipped on every rank; this many in a row stop the run
+    max_skipped_steps: int = _f(10, lo=1)
 
 
 @dataclass
@@ -204,6 +206,15 @@ def _coerce(value, typ, key, source):
     raise bad(f"unsupported type {typ}")
 
 
+def _word_from_bool(value, typ, meta):
+    """YAML 1.1 reads on/off/yes/no as booleans; a word-valued key whose choices are
+    on/off spellings gets the word back (`logging.wandb=off` from a file or the command line)."""
+    choices = meta.get("choices") or ()
+    if typ is str and isinstance(value, bool) and ("on" in choices or "off" in choices):
+        return "on" if value else "off"
+    return value
+
+
 def _check_range(value, meta, key, source):
     lo, hi, choices = meta.get("lo"), meta.get("hi"), meta.get("choices")
     items = value if isinstance(value, list) else [value]
@@ -235,7 +246,7 @@ def _set(cfg: Config, key: str, value, source: str):
                 for sub, v in value.items():
                     _set(cfg, f"{key}.{sub}", v, source)
                 return
-            value = _coerce(value, typ, key, source)
+            value = _coerce(_word_from_bool(value, typ, f.metadata), typ, key, source)
             _check_range(value, f.metadata, key, source)
             setattr(node, part, value)
             return

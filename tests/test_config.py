@@ -89,3 +89,18 @@ def test_experiment_configs_differ_only_in_the_objective():
                 d.pop("dir", None) if section == "run" else None
                 d.pop("time_inputs", None) if section == "model" else None
             assert a == b, (name, section)
+
+
+@pytest.mark.parametrize("where", ["file", "command line"])
+def test_on_off_words_survive_yaml_booleans(tmp_path, where):
+    """YAML 1.1 reads on/off as booleans; logging.wandb / logging.progress take them as the words."""
+    if where == "file":
+        cfg = load_config(write(tmp_path, "logging:\n  wandb: off\n  progress: on\n"))
+    else:
+        cfg = load_config(None, ["logging.wandb=off", "logging.progress=on"])
+    assert (cfg.logging.wandb, cfg.logging.progress) == ("off", "on")
+    assert load_config(None, ["logging.progress=off"]).logging.progress == "off"
+    with pytest.raises(ConfigError, match="logging.wandb"):  # 'on' is not a wandb mode: still an error naming it
+        load_config(None, ["logging.wandb=on"])
+    with pytest.raises(ConfigError, match="train.resume"):  # keys without on/off choices keep rejecting booleans
+        load_config(None, ["train.resume=off"])

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,32 @@ def test_slurm_deepspeed(tmp_path):
                      for n in (0, 1)]
     assert lines.count("gpu-a slots=4") == 2 and lines.count("gpu-b slots=4") == 2  # each node read it
     assert not hostfile.exists()  # removed when the job ends
+
+
+def test_slurm_requeues_on_usr1(tmp_path):
+    """USR1 (SLURM's --signal=B:USR1@120) makes the script pass SIGTERM to srun, wait for it, then
+    `scontrol requeue` the job and exit 0; a requeued job (SLURM_RESTART_COUNT > 0) resumes."""
+    bin_dir = tmp_path / "bin"
+    log = tmp_path / "calls"
+    fake(bin_dir, "scontrol", f'if [ "$1" = requeue ]; then echo "requeue $2" >>"{log}"; '
+                              'else printf "gpu-a\\ngpu-b\\n"; fi\n')
+    fake(bin_dir, "srun", f'trap \'echo "srun got TERM" >>"{log}"; exit 0\' TERM\n'
+                          f'echo "srun $*" >>"{log}"\nwhile true; do sleep 0.05; done\n')
+    text = (LAUNCHERS / "slurm.sbatch").read_text()
+    assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M) and "#SBATCH --requeue" in text
+    for restart in ("0", "1"):
+        log.unlink(missing_ok=True)
+        e = launcher_env(bin_dir, SLURM_JOB_NODELIST="gpu-[a-b]", SLURM_NNODES="2", SLURM_JOB_ID="77",
+                         SLURM_RESTART_COUNT=restart)
+        p = subprocess.Popen(["bash", str(LAUNCHERS / "slurm.sbatch"), "--config", "c.yaml"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e)
+        for _ in range(200):
+            if log.is_file() and "srun" in log.read_text():
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGUSR1)
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, out + err
+        calls = log.read_text().splitlines()
+        assert calls[1:] == ["srun got TERM", "requeue 77"], calls
+        assert calls[0].endswith("train.resume=auto") == (restart == "1"), calls[0]

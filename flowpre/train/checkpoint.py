@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier
+from .integrity import check, manifest, newest_intact
 
 FINAL = re.compile(r"^step(\d{9})$")
 # Fault injection for tests: SIGKILL this process while writing the checkpoint of this step.
@@ -40,16 +41,26 @@ def complete_checkpoints(run_dir):
     return sorted(found)
 
 
-def resolve_resume(resume, run_dir):
-    """`train.resume` -> a checkpoint folder or None."""
+def resolve_resume(resume, run_dir, dist=None, verify=True):
+    """`train.resume` -> a checkpoint folder or None. auto: the newest complete one whose files match
+    their checksums (a damaged one is warned about and skipped); a path: that one, or an error naming
+    the damaged file. Collective when `dist` is given (the ranks share the hashing)."""
     if resume in ("none", "", None):
         return None
     if resume == "auto":
         found = complete_checkpoints(run_dir)
-        return found[-1][1] if found else None
+        if not found or not verify:
+            return found[-1][1] if found else None
+        path = newest_intact(found, dist)
+        if path is None:
+            raise RuntimeError(f"train.resume=auto: every checkpoint under {checkpoints_root(run_dir)} is damaged "
+                               "(see the warnings above); not starting over on top of them")
+        return path
     path = Path(resume)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"train.resume: {path} is not a complete flowpre checkpoint (no meta.json)")
+    if verify:
+        check(path, dist)
     return path
 
 
@@ -68,6 +79,7 @@ def save_checkpoint(engine, run_dir, step, shared_state, rank_state, dist, meta,
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
     barrier()
+    meta = {**meta, "files": manifest(tmp, dist)}  # every rank hashes a share of the files
     if dist.is_main:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         if final.exists():  # the same step saved again after a resume
@@ -86,6 +98,26 @@ def _prune(root, keep):
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def _describe(model):
+    return f"DiT-{model.get('depth')}x{model.get('hidden')}x{model.get('heads')}/{model.get('patch')}"
+
+
+def check_same_model(path, model_config, model_name):
+    """Before DeepSpeed loads tensors into the wrong shapes: a ConfigError naming both models."""
+    from flowpre.config import ConfigError
+
+    meta = json.loads((Path(path) / "meta.json").read_text())
+    saved = meta.get("model")
+    if saved is None or saved == model_config:
+        return
+    differ = ", ".join(f"{k} {saved.get(k)} (checkpoint) vs {model_config.get(k)} (config)"
+                       for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k))
+    ckpt_name = meta.get("model_name") or _describe(saved)
+    raise ConfigError(f"train.resume: checkpoint {path} holds a {ckpt_name} model ({_describe(saved)}), but "
+                      f"model.name={model_name} builds {_describe(model_config)}; they differ in {differ}. Resume "
+                      f"with model.name={ckpt_name} (and the same objective), or start a new run.dir")
+
+
 def load_checkpoint(engine, path, dist):
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
@@ -95,6 +127,7 @@ def load_checkpoint(engine, path, dist):
     load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=False)
+    # flowpre's own files hold only tensors, numbers and strings: no unpickling of arbitrary objects
+    shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=True)
+    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=True)
     return meta, shared, rank_state

@@ -23,11 +23,14 @@ from flowpre.sampling import euler_sample, seeded_noise
 from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
-from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from .checkpoint import (check_same_model, checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume,
+                         save_checkpoint)
 from .distributed import barrier, init_distributed
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
+from .nonfinite import StepGuard, finite_or_none
+from .preemption import Preemption
 from .report import Reporter
 
 
@@ -49,7 +52,7 @@ def build_model(cfg, dataset, step_levels=0, text=None):
     m = cfg.model
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     if m.init:  # the architecture comes with the weights; model.name is not consulted
-        model, _ = load_model(m.init, kernels=m.kernels)
+        model, _ = load_model(m.init, kernels=m.kernels, source="model.init")
         if model.step_levels != step_levels:
             raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         if model.time_inputs != m.time_inputs:
@@ -142,15 +145,17 @@ def train(cfg):
     mode = precision(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
-    step, batches, wandb_id = 0, 0, None
-    ckpt = resolve_resume(cfg.train.resume, run_dir)
+    step, batches, wandb_id, consecutive_skips = 0, 0, None, 0
+    ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
     if ckpt is not None:
+        check_same_model(ckpt, model.config(), cfg.model.name)
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
         if meta["micro_batch"] != micro:
             raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
                                "the data position cannot be carried over")
         ema.load_state_dict(shared["ema"])
         step, batches, wandb_id = meta["step"], rank_state["batches"], shared.get("wandb_id")
+        consecutive_skips = shared.get("consecutive_skips", 0)
         generator.set_state(rank_state["generator"])
         torch.set_rng_state(rank_state["torch_cpu"])
         if device.type == "cuda":
@@ -168,7 +173,8 @@ def train(cfg):
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
     # distillation mode: a frozen exported model supplies part of the targets
-    teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
+    teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels,
+                         source="objective.teacher")[0].requires_grad_(False) \
         if cfg.objective.teacher else None
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher,
                 null_cond=text.null if text else model.null_class)
@@ -176,19 +182,23 @@ def train(cfg):
     prompts = sample_prompts(cfg, shards) if text and dist.is_main else None
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
+    guard = StepGuard(engine, dist.rank, cfg.train.max_skipped_steps, consecutive_skips)
+    preemption, stop = Preemption(dist.rank), False
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name,
+                "micro_batch": micro, "model": model.config(), "model_name": cfg.model.name,
+                "dataset": dataset, "objective": cfg.objective.name,
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id}
+        shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id,
+                  "consecutive_skips": guard.consecutive}
         return save_checkpoint(engine, run_dir, step, shared, rank_state, dist, meta, keep=cfg.train.keep_checkpoints)
 
     while step < cfg.train.max_steps:
         step += 1
-        for _ in range(cfg.train.grad_accum):
+        for micro_step in range(cfg.train.grad_accum):
             batch = next(batch_iter)
             batches += 1
             x = batch["x"].to(device, non_blocking=True)
@@ -198,17 +208,23 @@ def train(cfg):
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
             loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.loss_weight(pred), t.group,
                                              len(objective.groups), backend=cfg.model.kernels)
+            loss = guard.inject(loss, step)
             engine.backward(loss)
+            guard.observe(loss)
+            if micro_step == cfg.train.grad_accum - 1:  # all ranks agree on skipping and stopping
+                stop = guard.agree(preemption.requested)
             engine.step()
             meter.add(loss, group_losses, t.group, x.shape[0])
-        ema.update(engine.module, step, zero3)
+        if not guard.finish(step, lambda: (complete_checkpoints(run_dir) or [(0, None)])[-1][1]):
+            ema.update(engine.module, step, zero3)
         report.advance()
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             record = {"step": step, **meter.read(dist.world_size), "lr": engine.get_lr()[0],
-                      "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count}
+                      "grad_norm": engine.get_global_grad_norm(), "corrupt_samples": loader.corrupt_count,
+                      "skipped_steps": guard.total}
             record["mfu"] = record["samples_per_s"] / dist.world_size * flops_per_image / peak if peak else None
-            record["grad_norm"] = float(record["grad_norm"]) if record["grad_norm"] is not None else None
+            record["grad_norm"] = finite_or_none(record["grad_norm"])
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
             # no-grad forwards of EMAs / teacher, in units of the student's forward + backward
             record["objective_overhead"] = record.pop("extra_forward_images", 0.0) / (3 * micro)
@@ -219,14 +235,26 @@ def train(cfg):
             report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts))
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
+        if stop:
+            break
 
     elapsed = time.perf_counter() - t_start
-    last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
+    preemption.restore()  # from here on a signal ends the process as usual
+    saved = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+    last = checkpoints_root(run_dir) / f"step{step:09d}" if saved else save(step)
+    if stop and step < cfg.train.max_steps:  # a signal during the last step: just finish
+        if dist.is_main:
+            print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
+                  f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
+                  f"  continue with the same command and train.resume=auto", flush=True)
+        report.close()
+        barrier()
+        return run_dir
     weights = run_dir / "model.safetensors"
     if dist.is_main:
         grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
         report.images(step, grids)
-        export(run_dir, weights, ema="slow", checkpoint=last)
+        export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
         trained = (step - start_step) * cfg.train.batch_size
         print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
               f"({trained} images in {elapsed:.0f} s)\n"
