@@ -85,6 +85,22 @@ def test_sampler_feeds_each_steps_end(cfg_scale):
         torch.testing.assert_close(end, grid[j + 1].expand(n))
 
 
+def test_text_model_with_two_times_samples_with_cfg():
+    """Caption conditioning and the jump input together: a guided two-time sample, text null condition."""
+    torch.manual_seed(0)
+    model = build_dit("DiT-2x32x2/4", 3, 8, 0, kernels="torch", text_dim=12, text_tokens=5, time_inputs=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    cond, null = torch.randn(2, 5, 12), torch.zeros(5, 12)
+    noise = torch.randn(2, 3, 8, 8)
+    one, two = (euler_sample(model, noise, cond, n, cfg_scale=2.0, null_cond=null, time_inputs=2) for n in (1, 2))
+    assert torch.isfinite(one).all() and not torch.allclose(one, two)
+    with pytest.raises(ValueError, match="sigma_end"):  # a sampler that forgets the end is refused
+        euler_sample(model, noise, cond, 1, cfg_scale=2.0, null_cond=null)
+
+
 # --- MeanFlow's target ------------------------------------------------------------------
 
 
