@@ -24,7 +24,7 @@ from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .distributed import barrier, init_distributed
+from .distributed import barrier, init_distributed, shutdown
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
@@ -90,10 +90,11 @@ def sample_prompts(cfg, shards):
 
 
 @torch.no_grad()
-def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None):
+def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None, write=True):
     """One PNG per step count in `sample.steps`, classes cycling along each row (text
     models: one prompt per image); latents are decoded through the shards' VAE (outside
-    autocast: VAEs misbehave in 16-bit)."""
+    autocast: VAEs misbehave in 16-bit). `write=False`: only the forwards (the other
+    ranks of a sharded EMA, whose forwards are collective)."""
     s = cfg.sample
     n, C, H = s.num_images, model.in_channels, model.image_size
     ncol = min(model.num_classes, 10) if model.num_classes <= 10 and not text else 8
@@ -105,11 +106,13 @@ def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts
         with autocast(precision(cfg, device), device):
             x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, null,
                              step_inputs=model.sampling_inputs)
-        x = decode(vae, x.float()) if vae is not None else x
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
+        paths.append(path)
+        if not write:
+            continue
+        x = decode(vae, x.float()) if vae is not None else x
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(x, path, ncol)
-        paths.append(path)
     return paths
 
 
@@ -121,9 +124,11 @@ def train(cfg):
     objective = build(cfg.objective)
     text = build_text_encoder(cfg, dataset, device)
     model = build_model(cfg, dataset, objective.step_levels, text).to(device)
-    ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    # under ZeRO-3 each rank keeps only its partition of the EMAs, as of the student
+    ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every, sharded=zero3)
     engine, ds = build_engine(cfg, model, dist.world_size)
-    zero3, micro = cfg.deepspeed.zero_stage == 3, ds["train_micro_batch_size_per_gpu"]
+    micro = ds["train_micro_batch_size_per_gpu"]
     mode = precision(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
@@ -158,7 +163,9 @@ def train(cfg):
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher,
                 null_cond=text.null if text else model.null_class)
     vae = vae_for_dataset(dataset, device) if dist.is_main else None  # latent shards: decode samples
-    prompts = sample_prompts(cfg, shards) if text and dist.is_main else None
+    # a sharded EMA's forward is collective: then every rank samples, and rank 0 writes
+    samplers = dist.is_main or ema.sharded
+    prompts = sample_prompts(cfg, shards) if text and samplers else None
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
 
@@ -197,19 +204,23 @@ def train(cfg):
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
             # no-grad forwards of EMAs / teacher, in units of the student's forward + backward
             record["objective_overhead"] = record.pop("extra_forward_images", 0.0) / (3 * micro)
+            record["ema_bytes_per_rank"] = ema.local_bytes()
             record.update({f"ema_dist_{k}": v for k, v in ema.distance_to(engine.module, zero3).items()})
             report.log(record)
             meter.reset()
-        if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
-            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts))
+        if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and samplers:
+            grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
+            if dist.is_main:
+                report.images(step, grids)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
 
     elapsed = time.perf_counter() - t_start
     last = save(step) if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0) else None
     weights = run_dir / "model.safetensors"
+    if samplers:
+        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
     if dist.is_main:
-        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
         report.images(step, grids)
         export(run_dir, weights, ema="slow", checkpoint=last)
         trained = (step - start_step) * cfg.train.batch_size
@@ -218,5 +229,5 @@ def train(cfg):
               f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
               f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
     report.close()
-    barrier()
+    shutdown()
     return run_dir
