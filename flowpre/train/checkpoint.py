@@ -87,14 +87,19 @@ def _prune(root, keep):
 
 
 def load_checkpoint(engine, path, dist):
+    """(meta, shared state, this rank's state). On another world size than the
+    checkpoint's, the engine state is re-partitioned (reshard.py) and the rank state,
+    which has no meaning there, is None."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    rank_state = None
     if meta["world_size"] != dist.world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                           f"{dist.world_size}. Resume on the same world size (ZeRO state is partitioned).")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        from .reshard import load_other_world_size
+        load_other_world_size(engine, path, dist, meta, engine.zero_optimization_stage())
+    else:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=False)
     shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=False)
-    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=False)
     return meta, shared, rank_state

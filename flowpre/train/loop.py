@@ -6,6 +6,7 @@ regresses the student onto them with the fused flow loss, steps the DeepSpeed en
 updates the fp32 EMAs, and logs / samples / checkpoints on schedule.
 """
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -25,10 +26,13 @@ from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from .distributed import barrier, init_distributed, shutdown
+from . import reshard
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
 from .report import Reporter
+
+SAMPLE_LOG_ENV = "FLOWPRE_SAMPLE_LOG"  # a folder: each rank appends "step epoch:shard:key" per sample
 
 
 def fill_model_shape(cfg, dataset=None):
@@ -136,15 +140,22 @@ def train(cfg):
     ckpt = resolve_resume(cfg.train.resume, run_dir)
     if ckpt is not None:
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
-        if meta["micro_batch"] != micro:
-            raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
-                               "the data position cannot be carried over")
         ema.load_state_dict(shared["ema"])
-        step, batches, wandb_id = meta["step"], rank_state["batches"], shared.get("wandb_id")
-        generator.set_state(rank_state["generator"])
-        torch.set_rng_state(rank_state["torch_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
+        step, wandb_id = meta["step"], shared.get("wandb_id")
+        if rank_state is not None and meta["micro_batch"] == micro:  # same layout: exact
+            batches = rank_state["batches"]
+            generator.set_state(rank_state["generator"])
+            torch.set_rng_state(rank_state["torch_cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
+        else:  # another world size or micro batch: the global sample count carries the data position
+            if meta.get("global_batch", cfg.train.batch_size) != cfg.train.batch_size:
+                raise ConfigError(f"train.batch_size: checkpoint {ckpt} trained with a global batch of "
+                                  f"{meta['global_batch']}, this run sets {cfg.train.batch_size}; keep it (the "
+                                  f"micro batch and train.grad_accum adapt to the world size)")
+            batches = reshard.start_batch(reshard.global_samples(meta, rank_state), dist.world_size, micro, ckpt)
+            generator.manual_seed(reshard.reseed(cfg.train.seed, dist.rank, step))
+            torch.manual_seed(reshard.reseed(cfg.train.seed + 1, dist.rank, step))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -157,6 +168,11 @@ def train(cfg):
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
+    # debugging and tests: which samples each rank trained on at which step
+    sample_log = os.environ.get(SAMPLE_LOG_ENV)
+    if sample_log:
+        Path(sample_log).mkdir(parents=True, exist_ok=True)
+        sample_log = open(Path(sample_log) / f"rank{dist.rank:05d}-{os.getpid()}.txt", "a")
     # distillation mode: a frozen exported model supplies part of the targets
     teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels)[0].requires_grad_(False) \
         if cfg.objective.teacher else None
@@ -171,7 +187,8 @@ def train(cfg):
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "micro_batch": micro, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name,
+                "micro_batch": micro, "samples": batches * micro * dist.world_size,
+                "global_batch": cfg.train.batch_size, "model": model.config(), "dataset": dataset, "objective": cfg.objective.name,
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -180,9 +197,11 @@ def train(cfg):
 
     while step < cfg.train.max_steps:
         step += 1
-        for _ in range(cfg.train.grad_accum):
+        for _ in range(ds["gradient_accumulation_steps"]):
             batch = next(batch_iter)
             batches += 1
+            if sample_log:
+                sample_log.write("".join(f"{step} {k}\n" for k in batch["keys"]))
             x = batch["x"].to(device, non_blocking=True)
             cond = text(batch["captions"]) if text else batch["cond"].to(device, non_blocking=True)
             with autocast(mode, device):
@@ -229,5 +248,7 @@ def train(cfg):
               f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
               f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
     report.close()
+    if sample_log:
+        sample_log.close()
     shutdown()
     return run_dir
