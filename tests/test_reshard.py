@@ -52,7 +52,8 @@ def _export(run, out):
                                "--ema", w) and out / f"{w}.safetensors") for w in ("slow", "fast", "none")}
 
 
-@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2)])
+@pytest.mark.slow
+@pytest.mark.parametrize("stage,before,after", [(2, 2, 1), (3, 1, 2), (0, 2, 1)])
 def test_resume_on_another_world_size(tmp_path, digits, stage, before, after):
     common = [f"deepspeed.zero_stage={stage}", *COMMON]
     straight, split = tmp_path / "straight", tmp_path / "split"
