@@ -91,6 +91,10 @@ def test_resume_on_another_world_size(tmp_path, digits, stage, before, after):
     assert la[-4:].mean() < 0.9 * la[:2].mean()  # it trained, so a lost state would show
     assert abs(lb[6:].mean() - la[6:].mean()) < 0.05 * la[6:].mean(), (la, lb)
 
+    # another global batch is refused, naming the key
+    r = train(split, digits, "train.max_steps=18", "train.resume=auto", "train.batch_size=16", *common, check=False)
+    assert r.returncode != 0 and "train.batch_size" in r.stderr and "global batch of 8" in r.stderr
+
 
 def test_global_batch_kept_or_refused():
     cfg = load_config(None, ["train.batch_size=24", "train.grad_accum=2"])

@@ -139,21 +139,18 @@ def train(cfg):
     step, batches, wandb_id = 0, 0, None
     ckpt = resolve_resume(cfg.train.resume, run_dir)
     if ckpt is not None:
+        position = reshard.data_position(ckpt, cfg.train.batch_size, dist.world_size, micro)
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
         ema.load_state_dict(shared["ema"])
         step, wandb_id = meta["step"], shared.get("wandb_id")
-        if rank_state is not None and meta["micro_batch"] == micro:  # same layout: exact
+        if position is None:  # the same world size and micro batch: exact
             batches = rank_state["batches"]
             generator.set_state(rank_state["generator"])
             torch.set_rng_state(rank_state["torch_cpu"])
             if device.type == "cuda":
                 torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
-        else:  # another world size or micro batch: the global sample count carries the data position
-            if meta.get("global_batch", cfg.train.batch_size) != cfg.train.batch_size:
-                raise ConfigError(f"train.batch_size: checkpoint {ckpt} trained with a global batch of "
-                                  f"{meta['global_batch']}, this run sets {cfg.train.batch_size}; keep it (the "
-                                  f"micro batch and train.grad_accum adapt to the world size)")
-            batches = reshard.start_batch(reshard.global_samples(meta, rank_state), dist.world_size, micro, ckpt)
+        else:  # the global sample count carries the data position; the generators are reseeded
+            batches = position
             generator.manual_seed(reshard.reseed(cfg.train.seed, dist.rank, step))
             torch.manual_seed(reshard.reseed(cfg.train.seed + 1, dist.rank, step))
     if dist.is_main:

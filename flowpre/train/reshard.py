@@ -11,11 +11,12 @@ What carries over, and how:
   so DeepSpeed's ordinary load works on any world size.
 - Both EMAs are saved in full and every rank keeps what it needs (all of them, or its
   ZeRO-3 partition): nothing to do here.
-- The data position is the global sample count; see `start_batch`.
+- The data position is the global sample count; see `data_position`.
 - Per-rank random generators cannot be carried over (there are W of them and W' ranks
   need one each): each rank reseeds from (seed, rank, step). This is why a world-size
   change is not bitwise equal to an uninterrupted run, while the samples seen are.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -25,26 +26,37 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowpre.config import ConfigError
+
 from .distributed import barrier
 
 
-def global_samples(meta, rank_state=None):
+def global_samples(meta, ckpt):
     """Samples of the global stream consumed at this checkpoint (older checkpoints lack
     the count; every rank consumed the same number of micro batches)."""
     if "samples" in meta:
         return meta["samples"]
-    return rank_state["batches"] * meta["micro_batch"] * meta["world_size"]
+    rank0 = torch.load(Path(ckpt) / "flowpre_rank00000.pt", map_location="cpu", weights_only=False)
+    return rank0["batches"] * meta["micro_batch"] * meta["world_size"]
 
 
-def start_batch(samples, world_size, micro_batch, ckpt):
-    """This run's per-rank batch index at a global sample count, or a clear error when the
-    count does not fall on one of its batch boundaries."""
-    per_batch = world_size * micro_batch
+def data_position(ckpt, global_batch, world_size, micro_batch):
+    """None when this run splits batches as the checkpoint's did (the per-rank state then
+    resumes exactly); else this run's per-rank batch index at the checkpoint's global
+    sample count. Checked before anything is loaded or converted: a run that cannot
+    continue fails in seconds, naming the key."""
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    if meta["world_size"] == world_size and meta["micro_batch"] == micro_batch:
+        return None
+    if meta.get("global_batch", global_batch) != global_batch:
+        raise ConfigError(f"train.batch_size: checkpoint {ckpt} trained with a global batch of "
+                          f"{meta['global_batch']}, this run sets {global_batch}; keep it (the micro batch and "
+                          f"train.grad_accum adapt to the world size)")
+    samples, per_batch = global_samples(meta, ckpt), world_size * micro_batch
     if samples % per_batch:
-        raise RuntimeError(f"checkpoint {ckpt} stopped after {samples} samples, which is not a multiple of this "
-                           f"run's {world_size} ranks x micro batch {micro_batch}: set train.batch_size and "
-                           f"train.grad_accum so that the micro batch divides the checkpoint's position "
-                           f"(keeping the checkpoint's train.batch_size always does)")
+        raise ConfigError(f"checkpoint {ckpt} stopped after {samples} samples, which is not a multiple of this "
+                          f"run's {world_size} ranks x micro batch {micro_batch}: set train.batch_size and "
+                          f"train.grad_accum so that the micro batch divides the checkpoint's position")
     return samples // per_batch
 
 
