@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 import torch
 
 from flowpre.models.dit import build_dit
-from flowpre.train.distributed import init_distributed, shutdown
+from flowpre.train.distributed import barrier, init_distributed
 from flowpre.train.ema import DualEma
 
 
@@ -75,7 +75,7 @@ def main():
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
-    shutdown()
+    barrier()
 
 
 @torch.no_grad()

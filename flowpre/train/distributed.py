@@ -67,15 +67,6 @@ def barrier():
         torch.distributed.barrier()
 
 
-def shutdown():
-    """Tear the process group down before exit: gloo's threads (and the groups that
-    deepspeed.zero.Init makes for the sharded EMAs) otherwise abort the process at exit
-    ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def all_reduce_sum(t):
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)

@@ -25,7 +25,7 @@ from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from .distributed import barrier, init_distributed, shutdown
+from .distributed import barrier, init_distributed
 from . import reshard
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
@@ -247,5 +247,5 @@ def train(cfg):
     report.close()
     if sample_log:
         sample_log.close()
-    shutdown()
+    barrier()
     return run_dir
