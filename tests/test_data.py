@@ -41,13 +41,13 @@ def _shards(tmp_path_factory, folder, shard_size):
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory, noise_folder):
-    """11 shards (10 of 20, 1 of 2): at least ranks x workers = 4, so shards are split."""
+    """11 shards (10 of 20, 1 of 2)."""
     return _shards(tmp_path_factory, noise_folder, 20)
 
 
 @pytest.fixture(scope="module")
 def few(tmp_path_factory, noise_folder):
-    """3 shards (80, 80, 42): fewer than 4 slots, so samples are split."""
+    """3 shards (80, 80, 42): fewer than ranks x workers."""
     return _shards(tmp_path_factory, noise_folder, 80)
 
 
@@ -168,6 +168,34 @@ def test_exact_resume(regime, num_workers, request):
     flipped = sum(not torch.equal(u[i], f[i]) for f, u in pairs for i in range(8))
     assert all(torch.equal(u[i], f[i]) or torch.equal(u[i].flip(-1), f[i]) for f, u in pairs for i in range(8))
     assert 3 <= flipped <= 21
+
+
+def _global_steps(paths, world, start_step, steps, global_batch=12, num_workers=2):
+    """Per optimizer step, the set of sample keys all `world` ranks consume between them."""
+    iters = [iter(ShardLoader(paths, batch_size=global_batch // world, rank=r, world_size=world,
+                              num_workers=num_workers, seed=4, shuffle_buffer=16, start_batch=start_step))
+             for r in range(world)]
+    out = []
+    for _ in range(steps):
+        keys = [k for it in iters for k in next(it)["keys"]]
+        assert len(keys) == global_batch
+        out.append(set(keys))
+    return out
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
+def test_world_size_switch_sees_every_sample_once(many, before, after):
+    """7 steps on `before` ranks, then 15 on `after` from the global sample count (crossing
+    the epoch boundary at 202 samples): per step the same samples as one straight run, and
+    every sample of epoch 0 exactly once."""
+    _, paths = many
+    straight = _global_steps(paths, 1, 0, 22, num_workers=0)
+    split = _global_steps(paths, before, 0, 7) + _global_steps(paths, after, 7, 15)
+    assert split == straight
+    seen = collections.Counter(k for step in split for k in step)
+    epoch0 = [k for k in seen if k.startswith("0:")]
+    assert len(epoch0) == N_IMAGES and set(seen.values()) == {1}
+    assert 0 < sum(k.startswith("1:") for k in seen) < N_IMAGES
 
 
 def test_resolve_shards(many, tmp_path):

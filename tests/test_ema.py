@@ -5,7 +5,7 @@ import torch
 
 from flowpre.train.ema import DualEma
 
-from helpers import flowpre, launch, weights
+from helpers import flowpre, launch, metrics, weights
 
 
 def tiny():
@@ -48,10 +48,10 @@ def test_ema_state_roundtrip():
             assert torch.equal(p1, p2), n1
 
 
-def test_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
-    """Under ZeRO-3 the EMA must see gathered, current weights: its export equals ZeRO-0's."""
-    out = {}
-    import tempfile  # noqa: F401
+def test_sharded_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
+    """Under ZeRO-3 each rank holds half of each EMA, SCFM's EMA forwards gather it block by
+    block, and the exported EMAs (and student) equal ZeRO-0's with its replicated EMAs."""
+    out, ema_bytes = {}, {}
     from pathlib import Path
     digits = tmp_path / "digits"
     from flowpre.data.shards import write_shards
@@ -60,11 +60,17 @@ def test_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
         run = tmp_path / f"z{stage}"
         launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                 str(29650 + stage)], run, str(digits / "train-*.tar"), f"deepspeed.zero_stage={stage}",
-               "train.max_steps=4", "ema.fast_decay=0.5", "ema.slow_decay=0.8", "train.checkpoint_every=2")
+               "objective.name=scfm", "train.max_steps=4", "ema.fast_decay=0.5", "ema.slow_decay=0.8",
+               "train.checkpoint_every=2", "sample.every=2")
+        ema_bytes[stage] = metrics(run)[-1]["ema_bytes_per_rank"]
+        assert (run / "samples" / "step0000002_n1.png").is_file()
         for which in ("fast", "slow", "none"):
             path = Path(tmp_path / f"z{stage}_{which}.safetensors")
             flowpre("export", "--run", str(run), "--out", str(path), "--ema", which)
             out[stage, which] = weights(path)
+    full = 2 * 4 * sum(v.numel() for v in out[0, "slow"].values())
+    assert ema_bytes[0] == full
+    assert 0.5 * full <= ema_bytes[3] < 0.5 * full + 2 * 4 * 2 * len(out[0, "slow"])  # half, plus padding
     for which in ("fast", "slow", "none"):
         a, b = out[0, which], out[3, which]
         assert a.keys() == b.keys()

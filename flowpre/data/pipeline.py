@@ -1,34 +1,39 @@
 """Reading side: webdataset shards -> batches for 1..many ranks, with exact resume.
 
-The batch stream is a pure function of (shards, seed, rank, world_size, num_workers,
-batch_size, hflip, shuffle_buffer): nothing depends on timing or on torch's worker
-seeding. That is what makes `start_batch` resume exact.
+The sample order is a pure function of (shards, seed, shuffle_buffer): the global
+stream. Each epoch permutes the shard list with an RNG seeded by (seed, epoch), reads the
+shards in that order, drops samples that fail the header check, and shuffles through a
+buffer seeded by (seed, epoch). The epochs are concatenated, and position p of that
+stream goes to rank p mod world_size, whose batches take its samples in order (batch j
+from data-loader worker j mod num_workers). After s optimizer steps of global batch B,
+every rank has consumed exactly the positions [0, s*B) between them, whatever the world
+size; that is why a run can continue on another world size from a global sample count
+(`ShardLoader(start_batch=count // (world_size * batch_size))`) with no sample of the
+epoch repeated or skipped. Nothing depends on timing or on torch's worker seeding, so
+resume is exact.
 
-How samples are assigned. There are W = max(1, num_workers) logical workers per rank,
-slot = rank * W + worker, slots = world_size * W. Each epoch all ranks permute the
-shard list with an RNG seeded by (seed, epoch). If there are at least `slots` shards,
-a slot reads permuted[slot::slots] (shards may hold different sample counts, so slots
-may get a few more or fewer samples). Otherwise every slot reads all shards and keeps
-the samples whose running index in that epoch's stream is slot mod slots, so a small
-dataset (few shards) still splits exactly, at the price of each slot reading every tar.
-Either way, every sample is read by exactly one slot per epoch.
+The price: every worker reads (and header-checks) every tar of each epoch, and decodes
+only its own samples. Reading is sequential and cheap next to decoding and training for
+datasets of up to a few million samples; beyond that, a shard-level assignment with a
+fixed number of logical streams would avoid the re-reading (not done).
 
 Within a worker: read tar -> cheap header check (cls text, PNG header: mode and size vs
-the dataset; with has_captions in dataset.json, a string "caption" in the json) -> shuffle buffer (RNG seeded by seed, epoch, rank, slot) -> drop what
-earlier batches consumed (resume) -> decode PNG -> hflip (decided by a hash of seed,
-epoch, shard and key) -> batches of `batch_size`. In infinite mode batches run across
-epoch boundaries and are always full; in finite mode a worker's last batch may be short.
+the dataset; with has_captions in dataset.json, a string "caption" in the json) ->
+global shuffle buffer -> keep this worker's positions, from the resume position on ->
+decode PNG -> hflip (decided by a hash of seed, epoch, shard and key) -> batches of
+`batch_size`. In infinite mode batches run across epoch boundaries and are always full;
+in finite mode a worker's last batch may be short. A corrupt sample is counted by one
+worker only (its raw index mod ranks x workers). Batches carry `keys`,
+"epoch:shard:key" per sample.
 
 Resume. torch's DataLoader takes batches round-robin from workers 0..W-1, starting at
 worker 0. A loader built with start_batch=b gives physical worker w the logical id
-(w + b) % W, so batch b again comes from the logical worker that made it first; that
-worker drops, before decoding, the samples of its batches j < b (j % W == its id).
+(w + b) % W, so batch b again comes from the logical worker that made it first.
 Exactness assumes all workers are still producing (always true in infinite mode), and
 that corrupt samples are caught by the header check: a PNG whose header parses but whose
-pixel data does not is only found at decode time, after the resume skip, and shifts the
-stream of that worker by one sample after a resume across it. Resuming re-reads the
-tars (without decoding) only until each worker knows which samples of its shards are
-valid; from then on whole epochs are skipped unread.
+pixel data does not is only found at decode time and shortens that batch's stream by
+one sample. Resuming re-reads the tars (without decoding) until the validity of every
+shard's samples is known; from then on whole epochs are skipped unread.
 
 Latent shards (written with `flowpre shards --vae`, dataset.json has a "latent" entry):
 `x` is each sample's latent.npy as float32 (B, c, h, w), unscaled; the png is not read.
@@ -219,9 +224,9 @@ class ShardStream(torch.utils.data.IterableDataset):
         W, b = self.workers, self.start_batch
         worker = ((info.id if info else 0) + b) % W
         state = _WorkerState(worker)
-        done = max(0, (b - worker + W - 1) // W)  # batches j < b with j % W == worker
-        xs, ys, caps = [], [], []
-        for epoch, s in self._samples(state, skip=done * self.batch_size):
+        xs, ys, caps, tags = [], [], [], []
+        start = b * self.batch_size * self.world_size  # global position of this rank's batch b
+        for epoch, s in self._samples(state, start):
             x = self._decode(s, state)
             if x is None:
                 continue
@@ -230,85 +235,70 @@ class ShardStream(torch.utils.data.IterableDataset):
             xs.append(x)
             ys.append(s["cls"])
             caps.append(s.get("caption"))
+            tags.append(f"{epoch}:{os.path.basename(s['__url__'])}:{s['__key__']}")
             if len(xs) == self.batch_size:
-                yield self._collate(xs, ys, caps, state)
-                xs, ys, caps = [], [], []
+                yield self._collate(xs, ys, caps, tags, state)
+                xs, ys, caps, tags = [], [], [], []
         if xs:  # only reached in finite mode
-            yield self._collate(xs, ys, caps, state)
+            yield self._collate(xs, ys, caps, tags, state)
 
-    def _samples(self, state: _WorkerState, skip: int):
-        """(epoch, raw sample) of this worker's slot, header-checked and shuffled, minus the
-        first `skip` (resume); undecoded."""
-        W = self.workers
-        slot, slots = self.rank * W + state.worker, self.world_size * W
+    def _mine(self, position: int, worker: int) -> bool:
+        """Whether global position `position` is this rank's and this logical worker's:
+        rank = position mod world_size, and the rank's local index feeds its batches in
+        order, batch j coming from logical worker j mod workers."""
+        local, rank = divmod(position, self.world_size)
+        return rank == self.rank and (local // self.batch_size) % self.workers == worker
+
+    def _samples(self, state: _WorkerState, start: int):
+        """(epoch, raw sample) of this worker from the global stream, header-checked and
+        shuffled, from global position `start` on (resume); undecoded."""
+        slot, slots = self.rank * self.workers + state.worker, self.world_size * self.workers
+        position = 0  # over the concatenation of epochs
         for epoch in (itertools.count() if self.epochs is None else range(self.epochs)):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             shards = [self.shards[i] for i in order]
-            if len(shards) >= slots:
-                shards, stride = shards[slot::slots], None
-            else:
-                stride = slots
-            if skip > 0:
-                # A resume far into a run would re-read every epoch since the start; once the
-                # validity of the shards' samples is known, whole epochs are skipped unread.
-                n = self._epoch_count(shards, stride, slot)
-                if n is not None and n <= skip and (n > 0 or self.epochs is not None):
-                    skip -= n
-                    continue
-            rng = random.Random(_rng_seed(self.seed, epoch, self.rank, slot))
+            n = self._epoch_count(shards)
+            # A resume far into a run would re-read every epoch since the start; once the
+            # validity of the shards' samples is known, whole epochs are skipped unread.
+            if n is not None and position + n <= start and (n > 0 or self.epochs is not None):
+                position += n
+                continue
+            rng = random.Random(_rng_seed(self.seed, epoch))
             n = 0
-            samples = self._read(shards, stride, slot, state, record=skip > 0)
-            for s in _shuffled(samples, self.shuffle_buffer, rng):
+            for s in _shuffled(self._read(shards, slot, slots, state), self.shuffle_buffer, rng):
                 n += 1
-                if skip > 0:
-                    skip -= 1
-                    continue
-                yield epoch, s
-            if skip > 0:
-                # The skip runs past a whole epoch: one pass over the shards this slot has
-                # not read yet is cheaper than meeting them epoch by epoch.
-                for url in self.shards:
-                    if url not in self._valid:
-                        self._valid[url] = np.array([("__error__" not in s and self._problem(s) is None)
-                                                     for s in _tar_samples(url)], dtype=bool)
+                position += 1
+                if position > start and self._mine(position - 1, state.worker):
+                    yield epoch, s
             if n == 0 and self.epochs is None:
                 raise RuntimeError(f"rank {self.rank} worker {state.worker}: no usable samples in epoch "
-                                   f"{epoch} from {len(self.shards)} shards (fewer samples than "
-                                   f"ranks x workers = {slots}, or all corrupt)")
+                                   f"{epoch} from {len(self.shards)} shards (all corrupt?)")
 
-    def _epoch_count(self, shards, stride, slot) -> int | None:
-        """Samples this slot yields in an epoch over `shards`, if every shard's validity is known."""
+    def _epoch_count(self, shards) -> int | None:
+        """Valid samples in an epoch over `shards`, if every shard's validity is known."""
         if any(u not in self._valid for u in shards):
             return None
-        if stride is None:
-            return sum(int(self._valid[u].sum()) for u in shards)
-        return int(np.concatenate([self._valid[u] for u in shards])[slot::stride].sum())
+        return sum(int(self._valid[u].sum()) for u in shards)
 
-    def _read(self, shards, stride, slot, state, record: bool):
-        """Valid samples of this slot from `shards`; corrupt ones are counted. With `record`,
-        also notes which samples of each fully read shard are valid (for _epoch_count)."""
-        index = 0  # running sample index over this epoch's shard order (few-shards split)
+    def _read(self, shards, slot, slots, state):
+        """Every valid sample of `shards`, in order: the global stream must be the same on
+        every rank and worker. A corrupt one is counted by one slot only (its raw index
+        mod slots). Notes which samples of each shard are valid (for _epoch_count)."""
+        index = 0
         for url in shards:
-            flags = [] if record and url not in self._valid else None
+            flags = []
             for s in _tar_samples(url):
-                mine = stride is None or index % stride == slot
                 index += 1
-                if not mine and flags is None:
-                    continue
                 if "__error__" in s:
                     problem = f"unreadable tar ({s['__error__']!r}); rest of shard lost"
                 else:
                     problem = self._problem(s)
-                if flags is not None:
-                    flags.append(problem is None)
-                if not mine:
-                    continue
-                if problem:
-                    self._corrupt(state, s, problem)
-                else:
+                flags.append(problem is None)
+                if problem is None:
                     yield s
-            if flags is not None:
-                self._valid[url] = np.array(flags, dtype=bool)
+                elif (index - 1) % slots == slot:
+                    self._corrupt(state, s, problem)
+            self._valid[url] = np.array(flags, dtype=bool)
 
     def _problem(self, s: dict) -> str | None:
         """Cheap validation before the shuffle: everything short of decoding the pixels.
@@ -372,12 +362,12 @@ class ShardStream(torch.utils.data.IterableDataset):
                         s.get("__url__"), reason, self.rank, state.worker)
         return None
 
-    def _collate(self, xs, ys, caps, state: _WorkerState) -> dict:
+    def _collate(self, xs, ys, caps, tags, state: _WorkerState) -> dict:
         x = torch.from_numpy(np.ascontiguousarray(np.stack(xs))).float()
         if not self.latent:
             x = x.div_(127.5).sub_(1.0)
         batch = {"x": x, "cond": torch.tensor(ys, dtype=torch.int64), "corrupt": state.corrupt,
-                 "worker": state.worker}
+                 "worker": state.worker, "keys": tags}
         if self.captions:
             batch["captions"] = caps
         return batch

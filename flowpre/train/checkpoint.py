@@ -119,15 +119,20 @@ def check_same_model(path, model_config, model_name):
 
 
 def load_checkpoint(engine, path, dist):
+    """(meta, shared state, this rank's state). On another world size than the
+    checkpoint's, the engine state is re-partitioned (reshard.py) and the rank state,
+    which has no meaning there, is None."""
     path = Path(path)
     meta = json.loads((path / "meta.json").read_text())
+    rank_state = None
     if meta["world_size"] != dist.world_size:
-        raise RuntimeError(f"checkpoint {path} was written by {meta['world_size']} ranks; this run has "
-                           f"{dist.world_size}. Resume on the same world size (ZeRO state is partitioned).")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
-    # flowpre's own files hold only tensors, numbers and strings: no unpickling of arbitrary objects
+        from .reshard import load_other_world_size
+        load_other_world_size(engine, path, dist, meta, engine.zero_optimization_stage())
+    else:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        # flowpre's own files hold only tensors, numbers and strings: no unpickling of arbitrary objects
+        rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=True)
     shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=True)
-    rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=True)
     return meta, shared, rank_state

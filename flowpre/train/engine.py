@@ -6,6 +6,7 @@ autocast on CUDA with fp32 master weights (see `autocast`).
 """
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,10 +22,8 @@ def deepspeed_config(cfg, world_size):
     if not path.is_file():
         raise ConfigError(f"deepspeed.template: DeepSpeed config {path} not found")
     ds = json.loads(path.read_text())
+    fit_grad_accum(cfg, world_size)
     per_step = cfg.train.grad_accum * world_size
-    if cfg.train.batch_size % per_step:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum "
-                          f"({cfg.train.grad_accum}) x world size ({world_size})")
     ds["train_batch_size"] = cfg.train.batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
     ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size // per_step
@@ -39,6 +38,24 @@ def deepspeed_config(cfg, world_size):
         ds["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.train.lr, "betas": list(cfg.train.betas),
                                                        "weight_decay": cfg.train.weight_decay}}
     return ds
+
+
+def fit_grad_accum(cfg, world_size):
+    """Keep the global train.batch_size on this world size. When train.grad_accum x ranks
+    does not divide it (a run requeued on another node count), raise train.grad_accum to
+    the next value that does, which keeps the micro batch at or below the intended one."""
+    batch, accum = cfg.train.batch_size, cfg.train.grad_accum
+    if batch % (accum * world_size) == 0:
+        return
+    fits = [a for a in range(accum, batch // world_size + 1) if batch % (a * world_size) == 0]
+    if not fits:
+        raise ConfigError(f"train.batch_size={batch} cannot be split over {world_size} ranks: it must be "
+                          f"divisible by train.grad_accum ({accum}) x world size, and no train.grad_accum >= "
+                          f"{accum} makes it so; change train.batch_size or the number of ranks")
+    cfg.train.grad_accum = fits[0]
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"flowpre: train.grad_accum {accum} -> {fits[0]} to keep train.batch_size={batch} on "
+              f"{world_size} ranks (micro batch {batch // (fits[0] * world_size)})", flush=True)
 
 
 def lr_lambda(warmup_steps):

@@ -6,6 +6,7 @@ regresses the student onto them with the fused flow loss, steps the DeepSpeed en
 updates the fp32 EMAs, and logs / samples / checkpoints on schedule.
 """
 import json
+import os
 import tarfile
 import time
 from pathlib import Path
@@ -26,12 +27,15 @@ from flowpre.vae import decode, vae_for_dataset
 from .checkpoint import (check_same_model, checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume,
                          save_checkpoint)
 from .distributed import barrier, init_distributed
+from . import reshard
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
 from .nonfinite import StepGuard, finite_or_none
 from .preemption import Preemption
 from .report import Reporter
+
+SAMPLE_LOG_ENV = "FLOWPRE_SAMPLE_LOG"  # a folder: each rank appends "step epoch:shard:key" per sample
 
 
 def fill_model_shape(cfg, dataset=None):
@@ -108,10 +112,11 @@ def sample_prompts(cfg, shards):
 
 
 @torch.no_grad()
-def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None):
+def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None, write=True):
     """One PNG per step count in `sample.steps`, classes cycling along each row (text
     models: one prompt per image); latents are decoded through the shards' VAE (outside
-    autocast: VAEs misbehave in 16-bit)."""
+    autocast: VAEs misbehave in 16-bit). `write=False`: only the forwards (the other
+    ranks of a sharded EMA, whose forwards are collective)."""
     s = cfg.sample
     n, C, H = s.num_images, model.in_channels, model.image_size
     ncol = min(model.num_classes, 10) if model.num_classes <= 10 and not text else 8
@@ -123,11 +128,13 @@ def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts
         with autocast(precision(cfg, device), device):
             x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, null,
                              step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
-        x = decode(vae, x.float()) if vae is not None else x
         path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
+        paths.append(path)
+        if not write:
+            continue
+        x = decode(vae, x.float()) if vae is not None else x
         path.parent.mkdir(parents=True, exist_ok=True)
         save_grid(x, path, ncol)
-        paths.append(path)
     return paths
 
 
@@ -139,9 +146,11 @@ def train(cfg):
     objective = build(cfg.objective, cfg.model.time_inputs)
     text = build_text_encoder(cfg, dataset, device)
     model = build_model(cfg, dataset, objective.step_levels, text).to(device)
-    ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every)
+    zero3 = cfg.deepspeed.zero_stage == 3
+    # under ZeRO-3 each rank keeps only its partition of the EMAs, as of the student
+    ema = DualEma(model, cfg.ema.fast_decay, cfg.ema.slow_decay, cfg.ema.restart_every, sharded=zero3)
     engine, ds = build_engine(cfg, model, dist.world_size)
-    zero3, micro = cfg.deepspeed.zero_stage == 3, ds["train_micro_batch_size_per_gpu"]
+    micro = ds["train_micro_batch_size_per_gpu"]
     mode = precision(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.train.seed + dist.rank)
 
@@ -149,17 +158,21 @@ def train(cfg):
     ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
     if ckpt is not None:
         check_same_model(ckpt, model.config(), cfg.model.name)
+        position = reshard.data_position(ckpt, cfg.train.batch_size, dist.world_size, micro)
         meta, shared, rank_state = load_checkpoint(engine, ckpt, dist)
-        if meta["micro_batch"] != micro:
-            raise RuntimeError(f"checkpoint {ckpt} used micro batch {meta['micro_batch']}, this run {micro}: "
-                               "the data position cannot be carried over")
         ema.load_state_dict(shared["ema"])
-        step, batches, wandb_id = meta["step"], rank_state["batches"], shared.get("wandb_id")
+        step, wandb_id = meta["step"], shared.get("wandb_id")
         consecutive_skips = shared.get("consecutive_skips", 0)
-        generator.set_state(rank_state["generator"])
-        torch.set_rng_state(rank_state["torch_cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
+        if position is None:  # the same world size and micro batch: exact
+            batches = rank_state["batches"]
+            generator.set_state(rank_state["generator"])
+            torch.set_rng_state(rank_state["torch_cpu"])
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["torch_cuda"], device)
+        else:  # the global sample count carries the data position; the generators are reseeded
+            batches = position
+            generator.manual_seed(reshard.reseed(cfg.train.seed, dist.rank, step))
+            torch.manual_seed(reshard.reseed(cfg.train.seed + 1, dist.rank, step))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
@@ -172,6 +185,11 @@ def train(cfg):
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
                          shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
     batch_iter = iter(loader)
+    # debugging and tests: which samples each rank trained on at which step
+    sample_log = os.environ.get(SAMPLE_LOG_ENV)
+    if sample_log:
+        Path(sample_log).mkdir(parents=True, exist_ok=True)
+        sample_log = open(Path(sample_log) / f"rank{dist.rank:05d}-{os.getpid()}.txt", "a")
     # distillation mode: a frozen exported model supplies part of the targets
     teacher = load_model(cfg.objective.teacher, device, kernels=cfg.model.kernels,
                          source="objective.teacher")[0].requires_grad_(False) \
@@ -179,7 +197,9 @@ def train(cfg):
     nets = Nets(student=engine, ema_fast=ema.fast, ema_slow=ema.slow, teacher=teacher,
                 null_cond=text.null if text else model.null_class)
     vae = vae_for_dataset(dataset, device) if dist.is_main else None  # latent shards: decode samples
-    prompts = sample_prompts(cfg, shards) if text and dist.is_main else None
+    # a sharded EMA's forward is collective: then every rank samples, and rank 0 writes
+    samplers = dist.is_main or ema.sharded
+    prompts = sample_prompts(cfg, shards) if text and samplers else None
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
     guard = StepGuard(engine, dist.rank, cfg.train.max_skipped_steps, consecutive_skips)
@@ -187,7 +207,8 @@ def train(cfg):
 
     def save(step):
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
-                "micro_batch": micro, "model": model.config(), "model_name": cfg.model.name,
+                "micro_batch": micro, "samples": batches * micro * dist.world_size,
+                "global_batch": cfg.train.batch_size, "model": model.config(), "model_name": cfg.model.name,
                 "dataset": dataset, "objective": cfg.objective.name,
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
@@ -198,9 +219,11 @@ def train(cfg):
 
     while step < cfg.train.max_steps:
         step += 1
-        for micro_step in range(cfg.train.grad_accum):
+        for micro_step in range(ds["gradient_accumulation_steps"]):
             batch = next(batch_iter)
             batches += 1
+            if sample_log:
+                sample_log.write("".join(f"{step} {k}\n" for k in batch["keys"]))
             x = batch["x"].to(device, non_blocking=True)
             cond = text(batch["captions"]) if text else batch["cond"].to(device, non_blocking=True)
             with autocast(mode, device):
@@ -211,7 +234,7 @@ def train(cfg):
             loss = guard.inject(loss, step)
             engine.backward(loss)
             guard.observe(loss)
-            if micro_step == cfg.train.grad_accum - 1:  # all ranks agree on skipping and stopping
+            if micro_step == ds["gradient_accumulation_steps"] - 1:  # all ranks agree on skipping and stopping
                 stop = guard.agree(preemption.requested)
             engine.step()
             meter.add(loss, group_losses, t.group, x.shape[0])
@@ -228,11 +251,14 @@ def train(cfg):
             record.update({k: float(v) for k, v in t.info.items()})  # the objective's own scalars
             # no-grad forwards of EMAs / teacher, in units of the student's forward + backward
             record["objective_overhead"] = record.pop("extra_forward_images", 0.0) / (3 * micro)
+            record["ema_bytes_per_rank"] = ema.local_bytes()
             record.update({f"ema_dist_{k}": v for k, v in ema.distance_to(engine.module, zero3).items()})
             report.log(record)
             meter.reset()
-        if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and dist.is_main:
-            report.images(step, sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts))
+        if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and samplers:
+            grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
+            if dist.is_main:
+                report.images(step, grids)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
             save(step)
         if stop:
@@ -251,8 +277,9 @@ def train(cfg):
         barrier()
         return run_dir
     weights = run_dir / "model.safetensors"
+    if samplers:
+        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
     if dist.is_main:
-        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts)
         report.images(step, grids)
         export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
         trained = (step - start_step) * cfg.train.batch_size
@@ -261,5 +288,7 @@ def train(cfg):
               f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
               f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
     report.close()
+    if sample_log:
+        sample_log.close()
     barrier()
     return run_dir

@@ -6,7 +6,7 @@ memory estimate for each ZeRO stage. The memory model (bytes per parameter P, R 
     weights fp32 4P   (ZeRO-3: 4P/R)     bf16 autocast copies 2P (not under ZeRO-3)
     grads   fp32 4P   (ZeRO-2/3: 4P/R)
     AdamW   fp32 8P   (ZeRO-1/2/3: 8P/R)
-    EMAs    fp32 8P   (fast + slow, full on every rank)
+    EMAs    fp32 8P   (fast + slow; ZeRO-3: 8P/R, partitioned like the student)
     activations per image and block: 34*N*h bytes in 16-bit with flash attention
     (Korthikanti et al. 2022 without the N^2 score term); with activation checkpointing
     only each block's fp32 input, 4*N*h, plus one block being recomputed.
@@ -27,7 +27,7 @@ def memory_per_rank(params, stage, ranks, act_bytes_per_image, micro_batch, auto
         "bf16_copies": 2 * params if autocast and stage < 3 else 0,
         "grads": shard(4 * params, stage >= 2),
         "optimizer": shard(8 * params, stage >= 1),
-        "emas": 8 * params,
+        "emas": shard(8 * params, stage >= 3),
         "activations": act_bytes_per_image * micro_batch,
     }
     parts["total"] = sum(parts.values())
