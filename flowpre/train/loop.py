@@ -274,6 +274,8 @@ def train(cfg):
                   f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
                   f"  continue with the same command and train.resume=auto", flush=True)
         report.close()
+        if sample_log:
+            sample_log.close()
         barrier()
         return run_dir
     weights = run_dir / "model.safetensors"
