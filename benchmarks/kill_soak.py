@@ -1,6 +1,6 @@
 """Kill soak: a 2-rank run SIGKILLed at K random moments, each followed by `train.resume=auto`.
 
-    python benchmarks/kill_soak.py --k 20                  # about 1 min per kill on 2 CPU cores
+    python benchmarks/kill_soak.py --k 20                  # a few minutes per kill on a busy 2-core CPU
     python benchmarks/kill_soak.py --k 3 --out /tmp/k.json  # what the test runs
 
 The kills alternate at random between a random moment of training (every process of the
@@ -55,9 +55,16 @@ def _start(run, shards, args, **env):
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(**env), start_new_session=True)
 
 
-def _logged_steps(run):
+def _metric_lines(run):
     path = Path(run) / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.is_file() else 0
+    return path.read_text().splitlines() if path.is_file() else []
+
+
+def _newest_step(run, skip):
+    """The highest step logged by the current process (lines after the first `skip`; a killed run
+    leaves lines of steps that its successor repeats)."""
+    steps = [json.loads(line)["step"] for line in _metric_lines(run)[skip:] if line.strip()]
+    return max(steps, default=-1)
 
 
 def _latest(run):
@@ -97,17 +104,23 @@ def soak(args):
     run, kills = work / "soaked", []
     for i in range(args.k):
         resumed_from = _latest(run)
-        left = [s for s in range(resumed_from + 1, args.steps) if s % args.checkpoint_every == 0]
+        if resumed_from >= args.steps - 1:
+            raise SystemExit(f"the run reached step {resumed_from} of {args.steps} after {i} kills: give more --steps")
+        # kill within the next two checkpoint intervals, so K kills fit in one run
+        left = [s for s in range(resumed_from + 1, args.steps) if s % args.checkpoint_every == 0][:2]
         if left and rng.random() < 0.5:  # mid-checkpoint: every rank dies before the rename
             at = rng.choice(left)
             proc = _start(run, pattern, args, FLOWPRE_FAULT_KILL_AT_CHECKPOINT=str(at))
             proc.wait()
             kills.append({"kind": "checkpoint", "step": at, "resumed_from": resumed_from, "rc": proc.returncode})
-        else:  # a random moment: after step `at` was logged, plus up to a step's time
-            at = rng.randrange(resumed_from, args.steps - 1)
+        else:  # a random moment: after this process logged step `at` (at = resumed_from: start-up), plus up to a step's time
+            at = min(resumed_from + rng.randrange(0, 2 * args.checkpoint_every), args.steps - 2)
+            skip = len(_metric_lines(run))
             proc = _start(run, pattern, args)
-            while proc.poll() is None and _logged_steps(run) < at:
+            while proc.poll() is None and at > resumed_from and _newest_step(run, skip) < at:
                 time.sleep(0.01)
+            if at == resumed_from:  # start-up: somewhere in the launch, engine set-up or loading
+                time.sleep(rng.uniform(0, 8.0))
             time.sleep(rng.uniform(0, 0.4))
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -135,12 +148,14 @@ def soak(args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--k", type=int, default=20, help="number of kills")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=0, help="training steps (default: 2 x checkpoint interval x (k + 1))")
     p.add_argument("--checkpoint-every", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="default: a new temporary folder")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kill_soak.json"))
-    record = soak(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.steps = args.steps or 2 * args.checkpoint_every * (args.k + 1)
+    record = soak(args)
     sys.exit(0 if record["bitwise_equal"] else 1)
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # a few minutes: five 2-rank launches
 def test_kill_soak_three_kills(tmp_path):
     out = tmp_path / "soak.json"
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kill_soak.py"), "--k", "3", "--steps", "12",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kill_soak.py"), "--k", "3",
                         "--checkpoint-every", "3", "--seed", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)],
                        capture_output=True, text=True, timeout=1200, env=env())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
