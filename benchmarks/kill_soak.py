@@ -3,8 +3,8 @@
     python benchmarks/kill_soak.py --k 20                  # a few minutes per kill on a busy 2-core CPU
     python benchmarks/kill_soak.py --k 3 --out /tmp/k.json  # what the test runs
 
-The kills alternate at random between a random moment of training (every process of the
-run, launcher included, gets SIGKILL: a lost node) and the middle of a checkpoint write
+The kills alternate at random between a random moment of training (the launcher and every
+rank get SIGKILL together: a lost node) and the middle of a checkpoint write
 (FLOWPRE_FAULT_KILL_AT_CHECKPOINT: every rank kills itself after writing its files, before
 the folder is renamed). After the K-th kill the run resumes to the end. It prints K/K when
 the final exports (slow EMA and student) are bitwise equal to an uninterrupted run's, and
@@ -53,6 +53,25 @@ def _start(run, shards, args, **env):
            f"train.max_steps={args.steps}", f"train.checkpoint_every={args.checkpoint_every}", "train.resume=auto"]
     log = open(f"{run}.log", "a")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(**env), start_new_session=True)
+
+
+def _kill_tree(proc):
+    """SIGKILL the launcher and every rank at once, as when a node is lost. torchrun starts its
+    workers in sessions of their own, so a process-group kill would leave the ranks running."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        ranks = []
+    proc.kill()  # through Popen, so that its return code is recorded (psutil would reap it as 0)
+    for p in ranks:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    psutil.wait_procs(ranks, timeout=60)
 
 
 def _metric_lines(run):
@@ -122,9 +141,7 @@ def soak(args):
             if at == resumed_from:  # start-up: somewhere in the launch, engine set-up or loading
                 time.sleep(rng.uniform(0, 8.0))
             time.sleep(rng.uniform(0, 0.4))
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            _kill_tree(proc)
             kills.append({"kind": "moment", "after_step": at, "resumed_from": resumed_from, "rc": proc.returncode})
         print(f"kill {i + 1}/{args.k}: {kills[-1]}", flush=True)
     final = _start(run, pattern, args)

@@ -23,3 +23,5 @@ def test_kill_soak_three_kills(tmp_path):
     record = json.loads(out.read_text())
     assert record["bitwise_equal"] and record["passed"] == 3 and len(record["kills"]) == 3
     assert all(k["rc"] != 0 for k in record["kills"])  # each kill really ended a run
+    for k in record["kills"]:  # nothing of a killed run outlives it: each run resumes where the last checkpoint is
+        assert k["resumed_from"] < record["steps"]
