@@ -268,27 +268,23 @@ def train(cfg):
     preemption.restore()  # from here on a signal ends the process as usual
     saved = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
     last = checkpoints_root(run_dir) / f"step{step:09d}" if saved else save(step)
-    if stop and step < cfg.train.max_steps:  # a signal during the last step: just finish
+    preempted = stop and step < cfg.train.max_steps  # a signal during the last step: just finish
+    if preempted and dist.is_main:
+        print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
+              f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
+              f"  continue with the same command and train.resume=auto", flush=True)
+    if not preempted:
+        weights = run_dir / "model.safetensors"
+        if samplers:
+            grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
         if dist.is_main:
-            print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
-                  f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
-                  f"  continue with the same command and train.resume=auto", flush=True)
-        report.close()
-        if sample_log:
-            sample_log.close()
-        barrier()
-        return run_dir
-    weights = run_dir / "model.safetensors"
-    if samplers:
-        grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
-    if dist.is_main:
-        report.images(step, grids)
-        export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
-        trained = (step - start_step) * cfg.train.batch_size
-        print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
-              f"({trained} images in {elapsed:.0f} s)\n"
-              f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
-              f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
+            report.images(step, grids)
+            export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
+            trained = (step - start_step) * cfg.train.batch_size
+            print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
+                  f"({trained} images in {elapsed:.0f} s)\n"
+                  f"  samples: {grids[-1].parent} (last: {', '.join(p.name for p in grids)})\n"
+                  f"  metrics: {run_dir / 'metrics.jsonl'}\n  weights: {weights} (slow EMA)", flush=True)
     report.close()
     if sample_log:
         sample_log.close()
