@@ -138,8 +138,10 @@ def soak(args):
             proc = _start(run, pattern, args)
             while proc.poll() is None and at > resumed_from and _newest_step(run, skip) < at:
                 time.sleep(0.01)
-            if at == resumed_from:  # start-up: somewhere in the launch, engine set-up or loading
-                time.sleep(rng.uniform(0, 8.0))
+            if at == resumed_from:  # start-up: somewhere in the launch, engine set-up or loading, never later
+                deadline = time.time() + rng.uniform(0, 8.0)
+                while proc.poll() is None and time.time() < deadline and _newest_step(run, skip) < 0:
+                    time.sleep(0.01)
             time.sleep(rng.uniform(0, 0.4))
             _kill_tree(proc)
             kills.append({"kind": "moment", "after_step": at, "resumed_from": resumed_from, "rc": proc.returncode})
