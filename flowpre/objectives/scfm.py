@@ -29,9 +29,16 @@ Choices where METHOD.md is silent (each a config key):
   samples with the flow-matching level. Not combined with a teacher (which has no levels).
 - Two times (model.time_inputs=2, METHOD.md section 8): the student's jump is conditioned on
   its end sigma_{a+2}, the fast EMA's fine step on sigma_{a+1}, the slow EMA's on sigma_{a+2},
-  flow-matching samples on sigma_end = sigma. A teacher gets its end only if it is itself a
-  two-time model (a one-time teacher's instantaneous velocity on the fine teacher grid is
-  what distillation mode used before).
+  flow-matching samples on sigma_end = sigma. Except on the finest grid (N = n_max): there
+  the fine steps are instantaneous (sigma_end = their start), the flow-matching velocity.
+  A fine step of grid N is a student jump of grid 2N, so below n_max it is trained; at
+  n_max nothing trains it, and with their own ends there the recursion never reaches flow
+  matching: the jumps then form a self-consistent family of their own, and in the pilot
+  (docs/results/fashion_flowmaps_pilot.md, `scfm_tuned_2t_unanchored`) that collapsed to
+  class accuracy at chance with a chord loss of 0.003. Anchoring the finest level to flow
+  matching is what Shortcut Models do with their finest step size.
+  A teacher gets its end only if it is itself a two-time model (a one-time teacher's
+  instantaneous velocity on the fine teacher grid is what distillation mode used before).
 """
 import math
 
@@ -92,8 +99,10 @@ class SCFM:
         fine = {}  # step-conditioned: the EMAs take the fine steps at level min(log2 N, top)
         if self.step_levels:
             fine = {"step_level": torch.log2(N).round().long().clamp(max=self.step_levels - 1)}
-        fast = {**fine, **jump_inputs(self.time_inputs, sigma_mid)}  # two times: each fine step's own end
-        slow = {**fine, **jump_inputs(self.time_inputs, sigma_next)}
+        # two times: each fine step's own end, but instantaneous on the finest grid (see above)
+        finest = N >= self.cfg.n_max
+        fast = {**fine, **jump_inputs(self.time_inputs, torch.where(finest, sigma_a, sigma_mid))}
+        slow = {**fine, **jump_inputs(self.time_inputs, torch.where(finest, sigma_mid, sigma_next))}
         v1_parts = []
         if n_teacher:
             tk = jump_inputs(getattr(nets.teacher, "time_inputs", 1), sigma_mid[:n_teacher])
