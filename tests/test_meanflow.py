@@ -258,7 +258,7 @@ def test_finite_difference_runs_in_fp32_under_bf16_autocast():
     tt, r, eps, v = recover(plain, batch(B=16, dtype=torch.float32)["x"])
     z, tt, r, v, c = plain.x[jump], tt[jump].float(), r[jump].float(), v[jump].float(), plain.cond[jump]
     d_plus, d_minus = (1 - tt).clamp(max=5e-3), ((tt - r) / 2).clamp(max=5e-3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         up = model(z + col(d_plus) * v, tt + d_plus, c, sigma_end=r).float()
         down = model(z - col(d_minus) * v, tt - d_minus, c, sigma_end=r).float()
     in_bf16 = v - col(tt - r) * (up - down) / col(d_plus + d_minus)
