@@ -86,3 +86,17 @@ def test_resume_falls_back_past_damaged_checkpoints(tmp_path, digits):
     assert str(truncated) in r.stderr and str(optim) in r.stderr and "cannot be verified" in r.stderr
     assert "resumed from" in r.stdout and "step000000002 at step 2" in r.stdout
     assert (ck / "step000000008" / "meta.json").is_file()
+
+
+def test_every_checkpoint_damaged_is_a_named_error(tmp_path):
+    """resume=auto with no intact checkpoint left stops (the CLI prints it cleanly) instead of starting over."""
+    from flowpre.train.checkpoint import resolve_resume
+
+    for step in (2, 4):
+        folder = tmp_path / "checkpoints" / f"step{step:09d}"
+        folder.mkdir(parents=True)
+        (folder / "flowpre_shared.pt").write_bytes(bytes(range(200)))
+        (folder / "meta.json").write_text(json.dumps({"step": step, "files": manifest(folder)}))
+        (folder / "flowpre_shared.pt").write_bytes(bytes(range(100)))  # truncated after the fact
+    with pytest.raises(DamagedCheckpoint, match="every checkpoint"):
+        resolve_resume("auto", tmp_path)

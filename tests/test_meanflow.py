@@ -54,6 +54,8 @@ def test_new_two_time_model_is_the_one_time_model():
     for end in ends:  # the fresh jump embedder adds exactly zero, whatever the jump
         torch.testing.assert_close(two(x, sigma, cond, sigma_end=end), one(x, sigma, cond), atol=0, rtol=0)
     grown = with_time_inputs(one, 2, "test")  # model.init of a one-time file into a two-time run
+    with pytest.raises(ConfigError, match="model.time_inputs=1"):  # a two-time file cannot shrink
+        with_time_inputs(two, 1, "two.safetensors")
     torch.testing.assert_close(grown(x, sigma, cond, sigma_end=ends[1]), one(x, sigma, cond), atol=0, rtol=0)
     with torch.no_grad():  # once the embedder learns, the jump length changes the output
         two.jump_embed.mlp[2].weight.normal_()

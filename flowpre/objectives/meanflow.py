@@ -56,7 +56,7 @@ class MeanFlow:
     def __init__(self, cfg, time_inputs=1, finite_difference=False):
         if time_inputs != 2:
             raise ConfigError(f"objective.name={cfg.name} needs model.time_inputs=2: the network must be told "
-                              "where its jump ends (got model.time_inputs=1)")
+                              f"where its jump ends (got model.time_inputs={time_inputs})")
         if cfg.teacher:
             raise ConfigError(f"objective.teacher is not supported with objective.name={cfg.name}")
         self.cfg, self.finite_difference = cfg, finite_difference

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .distributed import barrier
-from .integrity import check, manifest, newest_intact
+from .integrity import DamagedCheckpoint, check, manifest, newest_intact
 
 FINAL = re.compile(r"^step(\d{9})$")
 # Fault injection for tests: SIGKILL this process while writing the checkpoint of this step.
@@ -53,7 +53,7 @@ def resolve_resume(resume, run_dir, dist=None, verify=True):
             return found[-1][1] if found else None
         path = newest_intact(found, dist)
         if path is None:
-            raise RuntimeError(f"train.resume=auto: every checkpoint under {checkpoints_root(run_dir)} is damaged "
+            raise DamagedCheckpoint(f"train.resume=auto: every checkpoint under {checkpoints_root(run_dir)} is damaged "
                                "(see the warnings above); not starting over on top of them")
         return path
     path = Path(resume)

@@ -58,7 +58,7 @@ def build_model(cfg, dataset, step_levels=0, text=None):
     if m.init:  # the architecture comes with the weights; model.name is not consulted
         model, _ = load_model(m.init, kernels=m.kernels, source="model.init")
         if model.step_levels != step_levels:
-            raise ValueError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
+            raise ConfigError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         if model.time_inputs != m.time_inputs:
             model = with_time_inputs(model, m.time_inputs, m.init)
         return model.train()
@@ -71,7 +71,7 @@ def with_time_inputs(model, time_inputs, source):
     """A one-time model grown into a two-time one (its new jump embedder outputs zero, so the
     function is unchanged): start MeanFlow or two-time SCFM from a flow-matching model."""
     if (model.time_inputs, time_inputs) != (1, 2):
-        raise ValueError(f"model.init: {source} has time_inputs={model.time_inputs}; model.time_inputs={time_inputs} "
+        raise ConfigError(f"model.init: {source} has time_inputs={model.time_inputs}; model.time_inputs={time_inputs} "
                          "cannot be made from it (only 1 -> 2)")
     grown = DiT(**{**model.config(), "time_inputs": 2}, kernels=model.kernels)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
