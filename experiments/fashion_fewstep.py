@@ -160,7 +160,7 @@ def main(argv=None):
     p.add_argument("--name", default="fashion_fewstep", help="file name of the results (an ablation page: another name)")
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
     args = p.parse_args(argv)
-    from flowpre.cli import parse_steps
+    from flowpre.arguments import parse_steps
 
     args.steps, args.fid_steps = parse_steps(args.steps), [] if args.no_fid else parse_steps(args.fid_steps)
     os.chdir(ROOT)

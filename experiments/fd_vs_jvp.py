@@ -39,7 +39,7 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from flowpre.data.pipeline import ShardLoader, resolve_shards
-    from flowpre.export import load_model
+    from flowpre.weights import load_model
 
     model, meta = load_model(args.weights, kernels="torch")
     if model.time_inputs != 2:

@@ -2,19 +2,9 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
-
-def parse_steps(text):
-    """`--steps 1,4,32` (or a list already parsed) -> [1, 4, 32]; shared by sample and eval."""
-    if isinstance(text, (list, tuple)):
-        text = ",".join(str(s) for s in text)
-    try:
-        steps = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--steps expects comma-separated integers, got {text!r}")
-    if not steps or min(steps) < 1:
-        raise argparse.ArgumentTypeError(f"--steps expects positive integers, got {text!r}")
-    return steps
+from flowpre.arguments import parse_steps
 
 
 def cmd_train(args):
@@ -51,8 +41,8 @@ def cmd_export(args):
 def cmd_sample(args):
     import torch
 
-    from flowpre.export import load_model
-    from flowpre.images import save_grid
+    from flowpre.weights import load_model
+    from flowpre.images import class_columns, save_labeled_grid, steps_label
     from flowpre.sampling import euler_sample, seeded_noise
     from flowpre.vae import decode, vae_for_dataset
 
@@ -66,22 +56,28 @@ def cmd_sample(args):
             sys.exit(f"{args.weights} is a text-conditioned model: give --prompt TEXT (repeatable)")
         enc = meta["text_encoder"]
         text = TextEncoder(enc["path"], enc["max_length"], device)
-        cond, null = text([args.prompt[i % len(args.prompt)] for i in range(n)]), text.null
+        labels = [args.prompt[i % len(args.prompt)] for i in range(n)]
+        cond, null = text(labels), text.null
     else:
         if args.prompt:
             sys.exit(f"--prompt: {args.weights} is class-conditional; use --label")
-        cond = (torch.arange(n, device=device) % model.num_classes) if args.label is None \
-            else torch.full((n,), args.label, device=device)
-        if cond.max() >= model.num_classes:
+        if args.label is not None and not 0 <= args.label < model.num_classes:
             sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
-        null = model.null_class
+        names = class_columns(model.num_classes, meta.get("dataset", {}).get("class_names"),
+                              max_columns=model.num_classes)[1]
+        ids = [args.label] * n if args.label is not None else [i % model.num_classes for i in range(n)]
+        cond, null, labels = torch.tensor(ids, device=device), model.null_class, [names[i] for i in ids]
     noise = seeded_noise((n, C, H, H), args.seed, device)
     rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, null,
                          step_inputs=model.sampling_inputs, time_inputs=model.time_inputs) for s in args.steps]
     vae = vae_for_dataset(meta["dataset"], device)  # latent models decode through their shards' VAE
     rows = [decode(vae, r) for r in rows] if vae is not None else rows
-    save_grid(torch.cat(rows), args.out, ncol=n)
-    print(f"wrote {args.out}: one row per step count {args.steps}, {n} samples each (seed {args.seed})")
+    out = Path(args.out or f"samples_{Path(args.weights).stem}_{'-'.join(map(str, args.steps))}steps.png")
+    if out.is_dir():
+        out = out / f"samples_{'-'.join(map(str, args.steps))}steps.png"
+    title = f"{Path(*Path(args.weights).parts[-2:])} (step {meta['step']}): cfg {args.cfg:g}, shift {args.shift:g}, seed {args.seed}"
+    save_labeled_grid(out, rows, labels, [steps_label(s) for s in args.steps], title=title)
+    print(f"wrote {out}: one row per step count {args.steps}, {n} samples each (seed {args.seed})")
 
 
 def cmd_shards(args):
@@ -133,7 +129,7 @@ def main(argv=None):
     p = sub.add_parser("sample", help="sample a grid from exported weights")
     p.add_argument("--weights", required=True)
     p.add_argument("--steps", type=parse_steps, default=[1, 4, 32])
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", default=None, help="PNG path or folder (default: samples_<weights>_<steps>steps.png)")
     p.add_argument("--num", type=int, default=10, help="samples per step count")
     p.add_argument("--label", type=int, default=None, help="one class for all samples (default: cycle)")
     p.add_argument("--prompt", action="append", default=[],
@@ -164,7 +160,7 @@ def main(argv=None):
     from flowpre.config import ConfigError
     from flowpre.train.integrity import DamagedCheckpoint
     from flowpre.train.nonfinite import NonFiniteError
-    from flowpre.export import WeightsError
+    from flowpre.weights import WeightsError
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError) as e:

@@ -63,7 +63,7 @@ def test_sharded_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
                "objective.name=scfm", "train.max_steps=4", "ema.fast_decay=0.5", "ema.slow_decay=0.8",
                "train.checkpoint_every=2", "sample.every=2")
         ema_bytes[stage] = metrics(run)[-1]["ema_bytes_per_rank"]
-        assert (run / "samples" / "step0000002_n1.png").is_file()
+        assert (run / "samples" / "step0000002_1steps.png").is_file()
         for which in ("fast", "slow", "none"):
             path = Path(tmp_path / f"z{stage}_{which}.safetensors")
             flowpre("export", "--run", str(run), "--out", str(path), "--ema", which)

@@ -169,7 +169,7 @@ def _export_like(path, **shape):
 
 
 def test_damaged_safetensors_is_an_error_naming_the_file(tmp_path):
-    from flowpre.export import WeightsError, load_model
+    from flowpre.weights import WeightsError, load_model
 
     good = _export_like(tmp_path / "good.safetensors")
     load_model(good)

@@ -164,7 +164,7 @@ def test_text_conditioned_training_on_twemoji(tmp_path, tiny_clip, twemoji_shard
     assert rec["step"] == 3 and all(torch.isfinite(torch.tensor(rec[k])) for k in ("loss", "loss_fm", "loss_sc"))
     assert rec["objective_overhead"] > 0
     exported = run / "model.safetensors"
-    from flowpre.export import load_model
+    from flowpre.weights import load_model
     model, meta = load_model(exported)
     assert model.text_dim == 32 and model.text_tokens == 1 + MAX_LEN
     assert meta["text_encoder"]["path"] == str(tiny_clip) and meta["text_encoder"]["max_length"] == MAX_LEN

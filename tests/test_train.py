@@ -129,9 +129,9 @@ def test_quickstart_short(tmp_path):
     assert m[-1]["loss"] < m[0]["loss"]
     for step in (12, 24):
         for n in (1, 4, 32):
-            png = run / "samples" / f"step{step:07d}_n{n}.png"
+            png = run / "samples" / f"step{step:07d}_{n}steps.png"
             assert png.is_file()
-    img = np.asarray(Image.open(run / "samples" / "step0000024_n32.png"))
+    img = np.asarray(Image.open(run / "samples" / "step0000024_32steps.png"))
     assert img.std() > 5  # not a blank image
     assert (run / "config.yaml").is_file() and (run / "model.safetensors").is_file()
     out = tmp_path / "grid.png"
@@ -166,7 +166,7 @@ def test_quickstart_config_with_each_objective(tmp_path, digits, objective):
     else:
         assert all(r["sc_grid_mean"] >= 2 for r in m)
     for n in (1, 2, 4, 32):
-        assert (run / "samples" / f"step0000008_n{n}.png").is_file()
+        assert (run / "samples" / f"step0000008_{n}steps.png").is_file()
     if objective == "scfm_step":  # levels 0..log2(n_max): the export carries the step-size embedder
         assert weights(run / "model.safetensors")["d_embed.weight"].shape[0] == 5
     if "model.time_inputs=2" in name:  # the jump embedder was exported, and it learnt (it starts at zero)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowpre.cli import parse_steps
+from flowpre.arguments import parse_steps
 from flowpre.config import ConfigError
 
 METRICS = ("fd", "fid")
@@ -258,7 +258,7 @@ def format_table(results, columns):
 def run(args, log=print):
     """Evaluate; prints the table, writes --out when given, returns the results dict."""
     from flowpre.eval.classifier import load_split
-    from flowpre.export import load_model
+    from flowpre.weights import load_model
 
     args = _with_defaults(args)
     _check(args)

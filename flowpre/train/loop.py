@@ -16,8 +16,9 @@ import torch
 from flowpre import kernels as K
 from flowpre.config import ConfigError, save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
-from flowpre.export import export, load_model
-from flowpre.images import save_grid
+from flowpre.export import export
+from flowpre.weights import load_model
+from flowpre.images import class_columns, save_labeled_grid, steps_label
 from flowpre.models.dit import DiT, build_dit
 from flowpre.objectives import Nets, build
 from flowpre.sampling import euler_sample, seeded_noise
@@ -92,49 +93,56 @@ def build_text_encoder(cfg, dataset, device):
     return TextEncoder(cfg.model.text_encoder, cfg.model.text_max_length, device)
 
 
-def sample_prompts(cfg, shards):
-    """sample.prompts cycled to sample.num_images, or the first training captions."""
-    n, prompts = cfg.sample.num_images, list(cfg.sample.prompts)
-    if not prompts:
-        for shard in shards:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if member.name.endswith(".json") and len(prompts) < n:
-                        try:  # a broken json is the loader's to skip and count; here it is just not a prompt
-                            caption = json.loads(tar.extractfile(member).read()).get("caption")
-                        except (ValueError, AttributeError):
-                            caption = None
-                        if isinstance(caption, str):
-                            prompts.append(caption)
-            if len(prompts) >= n:
-                break
-    return [prompts[i % len(prompts)] for i in range(n)]
+def sample_prompts(cfg, shards, max_columns=8):
+    """The sample grid's prompts, one per column: sample.prompts, or the first distinct
+    training captions."""
+    prompts = list(cfg.sample.prompts)
+    if prompts:
+        return prompts
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    try:  # a broken json is the loader's to skip and count; here it is just not a prompt
+                        caption = json.loads(tar.extractfile(member).read()).get("caption")
+                    except (ValueError, AttributeError):
+                        caption = None
+                    if isinstance(caption, str) and caption not in prompts:
+                        prompts.append(caption)
+                if len(prompts) >= max_columns:
+                    return prompts
+    return prompts
 
 
 @torch.no_grad()
-def sample_grids(model, cfg, run_dir, step, device, vae=None, text=None, prompts=None, write=True):
-    """One PNG per step count in `sample.steps`, classes cycling along each row (text
-    models: one prompt per image); latents are decoded through the shards' VAE (outside
-    autocast: VAEs misbehave in 16-bit). `write=False`: only the forwards (the other
-    ranks of a sharded EMA, whose forwards are collective)."""
+def sample_grids(model, cfg, run_dir, step, device, columns, vae=None, text=None, write=True):
+    """One PNG per step count in `sample.steps`, named and titled with it: a header row
+    names the columns (classes, or prompts for text models) and sample.num_images images
+    fill rows of them, each row another noise draw. Latents are decoded through the shards'
+    VAE (outside autocast: VAEs misbehave in 16-bit). `columns` is (class ids or prompts,
+    labels). `write=False`: only the forwards (the other ranks of a sharded EMA, whose
+    forwards are collective)."""
     s = cfg.sample
-    n, C, H = s.num_images, model.in_channels, model.image_size
-    ncol = min(model.num_classes, 10) if model.num_classes <= 10 and not text else 8
-    cond = text(prompts) if text else torch.arange(n, device=device) % model.num_classes
+    values, labels = columns
+    ncol, C, H = len(values), model.in_channels, model.image_size
+    rows = max(1, s.num_images // ncol)
+    cond = text(list(values) * rows) if text else torch.tensor(list(values) * rows, device=device)
     null = text.null if text else model.null_class
-    noise = seeded_noise((n, C, H, H), s.seed, device)
+    noise = seeded_noise((rows * ncol, C, H, H), s.seed, device)
     paths = []
     for steps in s.steps:
         with autocast(precision(cfg, device), device):
             x = euler_sample(model, noise, cond, steps, s.shift, s.cfg_scale, null,
                              step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
-        path = Path(run_dir) / "samples" / f"step{step:07d}_n{steps}.png"
+        path = Path(run_dir) / "samples" / f"step{step:07d}_{steps}steps.png"
         paths.append(path)
         if not write:
             continue
         x = decode(vae, x.float()) if vae is not None else x
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_grid(x, path, ncol)
+        title = (f"training step {step}: {steps_label(steps)}, slow EMA, cfg {s.cfg_scale:g}, shift {s.shift:g}, "
+                 f"seed {s.seed}")
+        save_labeled_grid(path, list(x.split(ncol)), labels, title=title)
     return paths
 
 
@@ -199,7 +207,13 @@ def train(cfg):
     vae = vae_for_dataset(dataset, device) if dist.is_main else None  # latent shards: decode samples
     # a sharded EMA's forward is collective: then every rank samples, and rank 0 writes
     samplers = dist.is_main or ema.sharded
-    prompts = sample_prompts(cfg, shards) if text and samplers else None
+    if text and samplers:
+        prompts = sample_prompts(cfg, shards)
+        columns = (prompts, prompts)
+        if not prompts:
+            raise ConfigError(f"no captions found in {cfg.data.shards!r} for the sample grid: set sample.prompts")
+    else:
+        columns = class_columns(model.num_classes, dataset.get("class_names"))
     flops_per_image, peak = 3 * model.forward_flops(), peak_flops(device)
     meter, start_step, t_start = Meter(device, objective.groups), step, time.perf_counter()
     guard = StepGuard(engine, dist.rank, cfg.train.max_skipped_steps, consecutive_skips)
@@ -256,7 +270,7 @@ def train(cfg):
             report.log(record)
             meter.reset()
         if cfg.sample.every and step % cfg.sample.every == 0 and step < cfg.train.max_steps and samplers:
-            grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
+            grids = sample_grids(ema.slow, cfg, run_dir, step, device, columns, vae, text, write=dist.is_main)
             if dist.is_main:
                 report.images(step, grids)
         if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
@@ -276,7 +290,7 @@ def train(cfg):
     if not preempted:
         weights = run_dir / "model.safetensors"
         if samplers:
-            grids = sample_grids(ema.slow, cfg, run_dir, step, device, vae, text, prompts, write=dist.is_main)
+            grids = sample_grids(ema.slow, cfg, run_dir, step, device, columns, vae, text, write=dist.is_main)
         if dist.is_main:
             report.images(step, grids)
             export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written

@@ -1,0 +1,16 @@
+"""Command-line argument types shared by several commands (`flowpre sample`, `flowpre eval`,
+the experiment scripts), kept below all of them so none imports another's entry point."""
+import argparse
+
+
+def parse_steps(text):
+    """`--steps 1,4,32` (or a list already parsed) -> [1, 4, 32]; shared by sample and eval."""
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(s) for s in text)
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--steps expects comma-separated integers, got {text!r}")
+    if not steps or min(steps) < 1:
+        raise argparse.ArgumentTypeError(f"--steps expects positive integers, got {text!r}")
+    return steps

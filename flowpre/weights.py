@@ -1,0 +1,62 @@
+"""The exported weights file, in one place for everything that writes or reads it.
+
+One safetensors file of plain fp32 tensors whose metadata holds the model config (and the
+dataset's shape and class names), so `flowpre sample` needs nothing else; text models
+record their frozen encoder's local path and max length, and need that folder too.
+`flowpre export` writes it from a checkpoint (export.py); sampling, evaluation and
+training (`model.init`, `objective.teacher`) read it back here.
+"""
+import json
+from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from flowpre.models.dit import DiT
+
+
+class WeightsError(ValueError):
+    """An exported weights file that cannot be read; the message names the file."""
+
+
+def save_weights(state, out, meta, weights):
+    """Write `state` (a model state dict) to `out` with the checkpoint's `meta` (model, dataset,
+    objective, step, text encoder); `weights` says which set: "student", "ema_slow", "ema_fast"."""
+    tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
+    metadata = {"flowpre.model": json.dumps(meta["model"]), "flowpre.dataset": json.dumps(meta.get("dataset", {})),
+                "flowpre.objective": meta.get("objective", ""), "flowpre.step": str(meta["step"]),
+                "flowpre.weights": weights, "flowpre.text_encoder": json.dumps(meta.get("text_encoder"))}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return Path(out)
+
+
+def read_metadata(path, source=""):
+    where = f"{source}: " if source else ""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{where}weights file {path} not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise WeightsError(f"{where}{path} is not a readable .safetensors file ({e}); "
+                           "is it truncated or not a flowpre export?") from None
+    if "flowpre.model" not in meta:
+        raise WeightsError(f"{where}{path} is not a flowpre export (no 'flowpre.model' metadata)")
+    return {"model": json.loads(meta["flowpre.model"]), "dataset": json.loads(meta.get("flowpre.dataset", "{}")),
+            "step": int(meta.get("flowpre.step", 0)), "weights": meta.get("flowpre.weights", ""),
+            "objective": meta.get("flowpre.objective", ""),
+            "text_encoder": json.loads(meta.get("flowpre.text_encoder", "null"))}  # text models: path, max_length
+
+
+def load_model(path, device="cpu", kernels="auto", source=""):
+    """(DiT in eval mode, metadata) from an exported file; `source` (a config key, a flag) prefixes errors."""
+    meta = read_metadata(path, source)
+    model = DiT(**meta["model"], kernels=kernels)
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (SafetensorError, OSError, RuntimeError) as e:  # truncated data, or tensors unlike the metadata
+        where = f"{source}: " if source else ""
+        raise WeightsError(f"{where}{path}: cannot load its tensors ({str(e).splitlines()[0]}); "
+                           "the file is damaged or was not written by flowpre export") from None
+    return model.to(device).eval(), meta
