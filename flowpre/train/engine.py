@@ -67,6 +67,8 @@ def build_engine(cfg, model, world_size):
 
     ds = deepspeed_config(cfg, world_size)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
@@ -74,6 +76,15 @@ def build_engine(cfg, model, world_size):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=ds,
                                       lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup))
     return engine, ds
+
+
+def compile_blocks(model):
+    """torch.compile each DiT block in place. In place (Module.compile) keeps parameter names,
+    so checkpoints, exports and the EMAs see the same model; the blocks rather than the
+    whole model, because the blocks are the repeated compute: one compiled graph serves
+    every block of a model, while the embedders and the loop stay eager."""
+    for block in model.blocks:
+        block.compile()
 
 
 def precision(cfg, device):
