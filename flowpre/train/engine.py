@@ -78,13 +78,14 @@ def build_engine(cfg, model, world_size):
     return engine, ds
 
 
-def compile_blocks(model):
-    """torch.compile each DiT block in place. In place (Module.compile) keeps parameter names,
-    so checkpoints, exports and the EMAs see the same model; the blocks rather than the
-    whole model, because the blocks are the repeated compute: one compiled graph serves
-    every block of a model, while the embedders and the loop stay eager."""
+def compile_blocks(model, **options):
+    """torch.compile each DiT block in place (options go to torch.compile). In place
+    (Module.compile) keeps parameter names, so checkpoints, exports and the EMAs see the
+    same model. The blocks rather than the whole model: they are the repeated compute and
+    share their compiled code (the first block apart, whose input has another layout),
+    while the embedders, the objectives and the loop stay eager."""
     for block in model.blocks:
-        block.compile()
+        block.compile(**options)
 
 
 def precision(cfg, device):
