@@ -2,7 +2,8 @@
 
 Parallelism and precision are applied here and nowhere else: ZeRO stage and batch
 arithmetic from the config, AdamW as the client optimizer (fp32 state), bf16 through
-autocast on CUDA with fp32 master weights (see `autocast`).
+autocast on CUDA with fp32 master weights (see `autocast`), and train.compile
+(`compile_blocks`).
 """
 import contextlib
 import json
