@@ -99,6 +99,7 @@ class TrainConfig:
     batch_size: int = _f(64, lo=1)  # global: micro batch x grad accumulation x ranks
     grad_accum: int = _f(1, lo=1)
     activation_checkpointing: bool = _f(False)  # recompute each DiT block in the backward
+    compile: bool = _f(False)  # torch.compile each DiT block (flowpre/train/engine.py)
     lr: float = _f(1e-4, lo=0.0)
     weight_decay: float = _f(0.0, lo=0.0)
     betas: list = _f([0.9, 0.999])
@@ -269,6 +270,13 @@ def _validate_together(cfg: Config, source: str):
         raise ConfigError(f"{source}: key 'deepspeed.zero_stage': objective.name=meanflow takes a JVP through the "
                           "student, and ZeRO-3's parameter hooks are autograd functions without a forward-mode "
                           "rule; use ZeRO 0-2, or objective.name=meanflow_fd (the JVP-free target) under ZeRO-3")
+    if cfg.train.compile and cfg.deepspeed.zero_stage == 3:
+        # measured on 2 CPU ranks (gloo): DeepSpeed's ZeRO-3 gather/release hooks on every layer are
+        # torch.compiler.disable'd, so each block's graph breaks at every Linear and whole frames fall
+        # back to eager; the run trains, but ran slower than without compile
+        raise ConfigError(f"{source}: key 'train.compile': train.compile=true does not work with "
+                          "deepspeed.zero_stage=3 (ZeRO-3's per-layer parameter hooks break every compiled "
+                          "block into eager pieces); use deepspeed.zero_stage 0-2, or train.compile=false")
     if cfg.objective.name == "shortcut" and cfg.model.time_inputs != 1:
         raise ConfigError(f"{source}: key 'model.time_inputs': objective.name=shortcut conditions on the step size "
                           "through its own embedder; use model.time_inputs=1")

@@ -9,6 +9,9 @@ Triton path, memory traffic per call (R = B*N rows, s = bytes per element):
   gated_residual_adaln  forward reads x, y, writes h, out        (4 R C s)
                         backward reads h, y, dh, dout, writes dx, dy  (6 R C s)
 plus (R,) fp32 mean/rstd saved by the forward and small (B, chunks, C) fp32 partials.
+Under autocast the modulated output (out) is written in autocast's dtype, the dtype
+the next matmul reads, while x and h stay fp32: that saves half of out's write and
+the matmul's own cast (a read and a write of out).
 
 Per-sample gradients (dshift, dscale, dgate) are reduced without atomics, so they are
 deterministic: each backward program owns a contiguous chunk of one sample's tokens,
@@ -38,22 +41,22 @@ from .backend import use_triton
 MAX_C = 16384  # one row lives in registers; beyond this the kernel would spill badly
 
 
-def adaln_modulate_reference(x, shift, scale, eps=1e-6):
-    """LayerNorm(x) * (1 + scale) + shift, in x's dtype; computed in fp32 (float64 in float64,
-    as the kernels do, so derivative checks in float64 see float64 arithmetic)."""
+def adaln_modulate_reference(x, shift, scale, eps=1e-6, out_dtype=None):
+    """LayerNorm(x) * (1 + scale) + shift, in out_dtype (default x's dtype); computed in fp32
+    (float64 in float64, as the kernels do, so derivative checks in float64 see float64 arithmetic)."""
     acc = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(acc)
     mean = xf.mean(-1, keepdim=True)
     var = xf.var(-1, keepdim=True, unbiased=False)
     x_hat = (xf - mean) * torch.rsqrt(var + eps)
     out = x_hat * (1 + scale.to(acc)[:, None]) + shift.to(acc)[:, None]
-    return out.to(x.dtype)
+    return out.to(out_dtype or x.dtype)
 
 
-def gated_residual_adaln_reference(x, y, gate, shift, scale, eps=1e-6):
+def gated_residual_adaln_reference(x, y, gate, shift, scale, eps=1e-6, out_dtype=None):
     """(h, adaln_modulate(h)) with h = x + gate * y: the DiT block's residual seam."""
     h = x + gate[:, None] * y
-    return h, adaln_modulate_reference(h, shift, scale, eps)
+    return h, adaln_modulate_reference(h, shift, scale, eps, out_dtype)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -175,11 +178,13 @@ def _check(x, shift, scale, y=None, gate=None):
         raise ValueError(f"x has unsupported dtype {x.dtype}")
 
 
-def adaln_forward(x, shift, scale, eps=1e-6, y=None, gate=None, out=None, h=None, mean=None, rstd=None):
+def adaln_forward(x, shift, scale, eps=1e-6, y=None, gate=None, out=None, h=None, mean=None, rstd=None,
+                  out_dtype=None):
     """Launch the forward kernel. With y and gate given, h = x + gate*y is normalised.
 
-    Returns (out, h, mean, rstd); h is None without y. Buffers passed in are written
-    in full (the tests hand in NaN-filled ones to check that).
+    Returns (out, h, mean, rstd); h is None without y; out is out_dtype (default x's dtype),
+    h x's dtype. Buffers passed in are written in full (the tests hand in NaN-filled ones
+    to check that).
     """
     residual = y is not None
     _check(x, shift, scale, y, gate)
@@ -191,7 +196,7 @@ def adaln_forward(x, shift, scale, eps=1e-6, y=None, gate=None, out=None, h=None
         y, gate = y.contiguous(), gate.contiguous()
         h = torch.empty_like(x) if h is None else h
     acc_tl, acc_torch = _acc_dtype(x.dtype)
-    out = torch.empty_like(x) if out is None else out
+    out = torch.empty(x.shape, device=x.device, dtype=out_dtype or x.dtype) if out is None else out
     mean = torch.empty((B, N), device=x.device, dtype=acc_torch) if mean is None else mean
     rstd = torch.empty((B, N), device=x.device, dtype=acc_torch) if rstd is None else rstd
     if x.numel() == 0:  # no samples, tokens or columns: nothing to normalise
@@ -222,8 +227,9 @@ def adaln_backward(x, scale, mean, rstd, dout, y=None, gate=None, dh=None, dx=No
         dh = torch.zeros_like(x) if dh is None else dh.contiguous()
         dy = torch.empty_like(y) if dy is None else dy
     if x.numel() == 0:  # every per-sample gradient is a sum over no tokens
-        zeros = torch.zeros((B, C), device=x.device, dtype=x.dtype)
-        return dx, (dy if residual else None), (zeros if residual else None), zeros, zeros.clone()
+        def zeros():  # one tensor each: the custom ops' outputs may not alias one another
+            return torch.zeros((B, C), device=x.device, dtype=x.dtype)
+        return dx, (dy if residual else None), (zeros() if residual else None), zeros(), zeros()
     launch = launch_config(C, N, backward=True)
     constexprs = dict(RESIDUAL=residual, ACC=acc_tl, PREFETCH=launch.prefetch, num_warps=launch.num_warps,
                       **launch.constexprs())
@@ -234,64 +240,149 @@ def adaln_backward(x, scale, mean, rstd, dout, y=None, gate=None, dh=None, dx=No
     n_chunks, tiles_per_prog = backward_grid(B, N, launch.rows, slots)
     part = torch.empty((3 if residual else 2, B, n_chunks, C), device=x.device, dtype=acc_torch)
     _adaln_bwd_kernel[(n_chunks, B)](*args, part, N, C, n_chunks, tiles_per_prog, **constexprs)
-    sums = part.sum(2).to(x.dtype)  # one deterministic reduction for all partials
+    # deterministic reductions, one per gradient so that no two outputs are views of one tensor
+    sums = [plane.sum(1).to(x.dtype) for plane in part]
     dgate = sums[2] if residual else None
     return dx, (dy if residual else None), dgate, sums[0], sums[1]
 
 
+# ----------------------------------------------------------------------------- custom ops
+# Registered with torch.library so torch.compile keeps them in its graph instead of
+# breaking around them. The fake implementations give the launchers' output shapes,
+# dtypes and strides (all contiguous) without running anything.
+
+def _stats_like(x):
+    return x.new_empty(x.shape[:2], dtype=_acc_dtype(x.dtype)[1])
+
+
+@torch.library.custom_op("flowpre::adaln_modulate_forward", mutates_args=())
+def adaln_modulate_forward_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                              out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, _, mean, rstd = adaln_forward(x, shift, scale, eps, out_dtype=out_dtype)
+    return out, mean, rstd
+
+
+@adaln_modulate_forward_op.register_fake
+def _(x, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("flowpre::adaln_modulate_backward", mutates_args=())
+def adaln_modulate_backward_op(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                               dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, _, _, dshift, dscale = adaln_backward(x.contiguous(), scale.contiguous(), mean, rstd, dout)
+    return dx, dshift, dscale
+
+
+@adaln_modulate_backward_op.register_fake
+def _(x, scale, mean, rstd, dout):
+    return x.new_empty(x.shape), x.new_empty(scale.shape), x.new_empty(scale.shape)
+
+
+@torch.library.custom_op("flowpre::gated_residual_adaln_forward", mutates_args=())
+def gated_residual_adaln_forward_op(
+        x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+        out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, h, mean, rstd = adaln_forward(x, shift, scale, eps, y=y, gate=gate, out_dtype=out_dtype)
+    return h, out, mean, rstd
+
+
+@gated_residual_adaln_forward_op.register_fake
+def _(x, y, gate, shift, scale, eps, out_dtype):
+    return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype), _stats_like(x), _stats_like(x)
+
+
+@torch.library.custom_op("flowpre::gated_residual_adaln_backward", mutates_args=())
+def gated_residual_adaln_backward_op(
+        h: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+        rstd: torch.Tensor, dh: torch.Tensor, dout: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, dgate, dshift, dscale); dx is also the gradient of h's input x."""
+    return adaln_backward(h.contiguous(), scale.contiguous(), mean, rstd, dout, y=y.contiguous(),
+                          gate=gate.contiguous(), dh=dh)
+
+
+@gated_residual_adaln_backward_op.register_fake
+def _(h, y, gate, scale, mean, rstd, dh, dout):
+    return (h.new_empty(h.shape), y.new_empty(y.shape), h.new_empty(scale.shape), h.new_empty(scale.shape),
+            h.new_empty(scale.shape))
+
+
 # ----------------------------------------------------------------------------- autograd
+# autograd.Functions over the ops, in the setup_context style that torch.func transforms need.
 
-class _AdaLNModulate(torch.autograd.Function):
+class AdaLNModulate(torch.autograd.Function):
+    """apply(x, shift, scale, eps, out_dtype) -> (out, mean, rstd); mean, rstd not differentiable."""
+
     @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        out, _, mean, rstd = adaln_forward(x, shift, scale, eps)
+    def forward(x, shift, scale, eps, out_dtype):
+        return adaln_modulate_forward_op(x, shift, scale, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, _, scale, _, _ = inputs
+        _, mean, rstd = output
         ctx.save_for_backward(x, scale, mean, rstd)
-        return out
+        ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dmean, _drstd):
         x, scale, mean, rstd = ctx.saved_tensors
-        dx, _, _, dshift, dscale = adaln_backward(x.contiguous(), scale.contiguous(), mean, rstd, dout)
-        return dx, dshift, dscale, None
+        dx, dshift, dscale = adaln_modulate_backward_op(x, scale, mean, rstd, dout)
+        return dx, dshift, dscale, None, None
 
 
-class _GatedResidualAdaLN(torch.autograd.Function):
+class GatedResidualAdaLN(torch.autograd.Function):
+    """apply(x, y, gate, shift, scale, eps, out_dtype) -> (h, out, mean, rstd); mean, rstd not differentiable."""
+
     @staticmethod
-    def forward(ctx, x, y, gate, shift, scale, eps):
-        out, h, mean, rstd = adaln_forward(x, shift, scale, eps, y=y, gate=gate)
+    def forward(x, y, gate, shift, scale, eps, out_dtype):
+        return gated_residual_adaln_forward_op(x, y, gate, shift, scale, eps, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, y, gate, _, scale, _, _ = inputs
+        h, _, mean, rstd = output
         # h is an output anyway, so keeping it costs no memory and saves the
         # backward a read of x (h = x + gate*y would need both x and y)
-        ctx.save_for_backward(h, y.contiguous(), gate.contiguous(), scale.contiguous(), mean, rstd)
-        return h, out
+        ctx.save_for_backward(h, y, gate, scale, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
-    def backward(ctx, dh, dout):
+    def backward(ctx, dh, dout, _dmean, _drstd):
         h, y, gate, scale, mean, rstd = ctx.saved_tensors
-        dx, dy, dgate, dshift, dscale = adaln_backward(h, scale, mean, rstd, dout, y=y, gate=gate, dh=dh)
-        return dx, dy, dgate, dshift, dscale, None
+        dx, dy, dgate, dshift, dscale = gated_residual_adaln_backward_op(h, y, gate, scale, mean, rstd, dh, dout)
+        return dx, dy, dgate, dshift, dscale, None, None
 
 
-# The kernels are opaque to torch.compile: a compiled model graph-breaks around them.
-# Eager calls skip the disable wrapper, whose cost shows on small shapes.
-_adaln_opaque = torch.compiler.disable(_AdaLNModulate.apply)
-_gated_opaque = torch.compiler.disable(_GatedResidualAdaLN.apply)
+def modulated_dtype(x):
+    """The dtype of the modulated output: under autocast the dtype the next matmul runs in
+    (writing it directly saves that matmul's cast, a full read and write of the
+    activations), else x's. The residual stream h keeps x's dtype."""
+    device = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(device):  # autocast leaves float64 alone
+        return torch.get_autocast_dtype(device)
+    return x.dtype
 
 
 def adaln_modulate(x, shift, scale, eps=1e-6, backend="auto"):
-    """LayerNorm(x) * (1 + scale) + shift. x (B, N, C); shift, scale (B, C), same dtype as x."""
+    """LayerNorm(x) * (1 + scale) + shift. x (B, N, C); shift, scale (B, C).
+    The output is x's dtype, or autocast's dtype when autocast is on."""
+    out_dtype = modulated_dtype(x)
     if use_triton(backend, x):
         shift, scale = shift.to(x.dtype), scale.to(x.dtype)  # (B, C): autocast may hand these in bf16
         _check(x, shift, scale)
-        apply = _adaln_opaque if torch.compiler.is_compiling() else _AdaLNModulate.apply
-        return apply(x, shift, scale, eps)
-    return adaln_modulate_reference(x, shift, scale, eps)
+        return AdaLNModulate.apply(x, shift, scale, eps, out_dtype)[0]
+    return adaln_modulate_reference(x, shift, scale, eps, out_dtype)
 
 
 def gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6, backend="auto"):
-    """(h, adaln_modulate(h, shift, scale)) with h = x + gate[:, None] * y, in one pass."""
+    """(h, adaln_modulate(h, shift, scale)) with h = x + gate[:, None] * y, in one pass;
+    h in x's dtype, the modulated output as adaln_modulate's."""
+    out_dtype = modulated_dtype(x)
     if use_triton(backend, x):
         gate, shift, scale = gate.to(x.dtype), shift.to(x.dtype), scale.to(x.dtype)
         _check(x, shift, scale, y, gate)
-        apply = _gated_opaque if torch.compiler.is_compiling() else _GatedResidualAdaLN.apply
-        return apply(x, y, gate, shift, scale, eps)
-    return gated_residual_adaln_reference(x, y, gate, shift, scale, eps)
+        h, out, _, _ = GatedResidualAdaLN.apply(x, y, gate, shift, scale, eps, out_dtype)
+        return h, out
+    return gated_residual_adaln_reference(x, y, gate, shift, scale, eps, out_dtype)

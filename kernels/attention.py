@@ -204,24 +204,57 @@ def attention_backward(q, k, v, out, lse, dout, scale=None, dq=None, dk=None, dv
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
+# ----------------------------------------------------------------------------- custom ops
+# Registered with torch.library so torch.compile keeps them in its graph instead of
+# breaking around them; the fake implementations give the shapes, dtypes and strides
+# the launchers produce (contiguous outputs) without running anything.
+
+@torch.library.custom_op("flowpre::flash_attention_forward", mutates_args=())
+def flash_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale)
+
+
+@flash_attention_forward_op.register_fake
+def _(q, k, v, scale):
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=acc_dtype)
+
+
+@torch.library.custom_op("flowpre::flash_attention_backward", mutates_args=())
+def flash_attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                                lse: torch.Tensor, dout: torch.Tensor,
+                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(q, k, v, out, lse, dout, scale)
+
+
+@flash_attention_backward_op.register_fake
+def _(q, k, v, out, lse, dout, scale):
+    return q.new_empty(q.shape), q.new_empty(k.shape), q.new_empty(v.shape)
+
+
+class FlashAttention(torch.autograd.Function):
+    """The ops' autograd. In the setup_context style (forward without ctx), which torch.func
+    transforms require: a forward-mode rule (jvp) can be added here as a staticmethod.
+    apply(q, k, v, scale) -> (out, lse); lse is not differentiable."""
+
     @staticmethod
-    def forward(ctx, q, k, v, scale):
-        out, lse = attention_forward(q, k, v, scale)
+    def forward(q, k, v, scale):
+        return flash_attention_forward_op(q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale = inputs
+        out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
-        return out
+        ctx.mark_non_differentiable(lse)
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(q, k, v, out, lse, dout, ctx.scale)
+        dq, dk, dv = flash_attention_backward_op(q, k, v, out, lse, dout, ctx.scale)
         return dq, dk, dv, None
-
-
-@torch.compiler.disable  # Dynamo cannot trace into Triton launchers with autotune/heuristics
-def _attention_triton(q, k, v, scale):
-    return _FlashAttention.apply(q, k, v, scale)
 
 
 def attention(q, k, v, scale=None, backend="auto"):
@@ -238,5 +271,5 @@ def attention(q, k, v, scale=None, backend="auto"):
             if backend != "auto":
                 raise
         else:
-            return _attention_triton(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))
+            return FlashAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
     return attention_reference(q, k, v, scale)

@@ -11,6 +11,9 @@ Triton path: one pass over pred/target writes per-(sample, chunk) partial sums, 
 one-program kernel finishes m_i, total and group_losses from them in a fixed order
 (deterministic, no atomics, no host sync). The backward is one pass writing
 dpred = 2 (pred - target) weight_i / (B numel_i) * d_total.
+pred and target may differ in dtype: a bf16 prediction is read as it is and accumulated
+in fp32, so the caller need not make an fp32 copy of it first; dpred comes back in
+pred's dtype, dtarget in target's.
 The Triton path validates its inputs (ValueError naming the argument); the torch path
 is the reference itself. total is fp32 (fp64 for float64 inputs, which exist for gradcheck); group_losses fp32.
 Group ids are range-checked on CPU only; on CUDA an id outside [0, num_groups) is
@@ -102,8 +105,8 @@ def _loss_bwd_kernel(P, T, WEIGHT, GRAD, DPRED, B, M, BLOCK: tl.constexpr, ACC: 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _acc_dtype(dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+def _acc_dtype(*dtypes):
+    return (tl.float64, torch.float64) if torch.float64 in dtypes else (tl.float32, torch.float32)
 
 
 def _block(M):
@@ -114,10 +117,9 @@ def _block(M):
 def _check(pred, target, weight, group, num_groups):
     if pred.dim() < 2:
         raise ValueError(f"pred must be (B, ...) with at least one trailing dim, got shape {tuple(pred.shape)}")
-    if pred.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"pred has unsupported dtype {pred.dtype}")
-    if target.dtype != pred.dtype:
-        raise ValueError(f"target has dtype {target.dtype} but pred has {pred.dtype}; they must match")
+    for name, t in (("pred", pred), ("target", target)):
+        if t.dtype not in _FLOATS:
+            raise ValueError(f"{name} has unsupported dtype {t.dtype}")
     if target.shape != pred.shape:
         raise ValueError(f"target shape {tuple(target.shape)} != pred shape {tuple(pred.shape)}")
     B = pred.shape[0]
@@ -136,6 +138,9 @@ def _check(pred, target, weight, group, num_groups):
         raise ValueError(f"group ids must lie in [0, {num_groups}), got [{int(group.min())}, {int(group.max())}]")
 
 
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _programs_wanted(device):
     if device.type == "cuda":
         return 8 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -148,7 +153,7 @@ def flow_loss_forward(pred, target, weight, group, num_groups, total=None, group
     B = pred.shape[0]
     p, t = pred.reshape(B, -1).contiguous(), target.reshape(B, -1).contiguous()
     M = p.shape[1]
-    acc_tl, acc_torch = _acc_dtype(pred.dtype)
+    acc_tl, acc_torch = _acc_dtype(pred.dtype, target.dtype)
     block, num_warps = _block(M)
     tiles = triton.cdiv(M, block)
     chunks_wanted = max(1, min(tiles, triton.cdiv(_programs_wanted(pred.device), B)))
@@ -177,42 +182,76 @@ def flow_loss_backward(pred, target, weight, d_total, dpred=None):
     p, t = pred.reshape(B, -1).contiguous(), target.reshape(B, -1).contiguous()
     M = p.shape[1]
     dpred = torch.empty_like(p) if dpred is None else dpred
-    acc_tl, _ = _acc_dtype(pred.dtype)
+    acc_tl, _ = _acc_dtype(pred.dtype, target.dtype)
     block, num_warps = _block(M)
     _loss_bwd_kernel[(triton.cdiv(M, block), B)](p, t, weight.contiguous(), d_total.contiguous(), dpred, B, M,
                                                  BLOCK=block, ACC=acc_tl, num_warps=num_warps)
     return dpred.view(pred.shape)
 
 
-class _FlowLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, weight, group, num_groups):
-        total, group_losses, means = flow_loss_forward(pred, target, weight, group, num_groups)
-        ctx.mark_non_differentiable(group_losses)
-        ctx.save_for_backward(pred, target, weight, means)
-        return total, group_losses
+# ----------------------------------------------------------------------------- custom ops
+# Registered with torch.library so torch.compile keeps them in its graph instead of
+# breaking around them; the fake implementations mirror the launchers' outputs.
+
+@torch.library.custom_op("flowpre::flow_loss_forward", mutates_args=())
+def flow_loss_forward_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, group: torch.Tensor,
+                         num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, group_losses, means): means (B,) is the unweighted per-sample MSE."""
+    return flow_loss_forward(pred, target, weight, group, num_groups)
+
+
+@flow_loss_forward_op.register_fake
+def _(pred, target, weight, group, num_groups):
+    acc = _acc_dtype(pred.dtype, target.dtype)[1]
+    return (pred.new_empty((), dtype=acc), pred.new_empty((num_groups,), dtype=torch.float32),
+            pred.new_empty(pred.shape[:1], dtype=acc))
+
+
+@torch.library.custom_op("flowpre::flow_loss_backward", mutates_args=())
+def flow_loss_backward_op(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                          d_total: torch.Tensor) -> torch.Tensor:
+    return flow_loss_backward(pred, target, weight, d_total)
+
+
+@flow_loss_backward_op.register_fake
+def _(pred, target, weight, d_total):
+    return pred.new_empty(pred.shape)
+
+
+class FlowLoss(torch.autograd.Function):
+    """The ops' autograd, in the setup_context style that torch.func transforms need.
+    apply(pred, target, weight, group, num_groups) -> (total, group_losses, means);
+    only total is differentiable."""
 
     @staticmethod
-    def backward(ctx, d_total, _d_groups):
+    def forward(pred, target, weight, group, num_groups):
+        return flow_loss_forward_op(pred, target, weight, group, num_groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pred, target, weight, _, _ = inputs
+        _, group_losses, means = output
+        ctx.mark_non_differentiable(group_losses, means)
+        ctx.save_for_backward(pred, target, weight, means)
+
+    @staticmethod
+    def backward(ctx, d_total, _d_groups, _d_means):
         pred, target, weight, means = ctx.saved_tensors
         need_pred, need_target, need_weight = ctx.needs_input_grad[:3]
         dpred = dtarget = dweight = None
         if need_pred or need_target:
-            dpred = flow_loss_backward(pred, target, weight, d_total)
-            dtarget = -dpred if need_target else None
+            dpred = flow_loss_backward_op(pred, target, weight, d_total)
+            dtarget = (-dpred).to(target.dtype) if need_target else None
             dpred = dpred if need_pred else None
         if need_weight:
             dweight = (means * d_total / pred.shape[0]).to(weight.dtype)
         return dpred, dtarget, dweight, None, None
 
 
-# opaque to torch.compile (a graph break); eager calls skip the wrapper's cost
-_flow_loss_opaque = torch.compiler.disable(_FlowLoss.apply)
-
-
 def flow_loss(pred, target, weight, group, num_groups, backend="auto"):
+    """(total, group_losses); pred and target may be any float dtypes (accumulated in fp32)."""
     if use_triton(backend, pred):
         _check(pred, target, weight, group, num_groups)
-        apply = _flow_loss_opaque if torch.compiler.is_compiling() else _FlowLoss.apply
-        return apply(pred, target, weight, group, num_groups)
+        total, group_losses, _ = FlowLoss.apply(pred, target, weight, group, num_groups)
+        return total, group_losses
     return flow_loss_reference(pred, target, weight, group, num_groups)

@@ -149,6 +149,29 @@ def test_autocast_mixed_dtypes_match_reference(kernel_device):
     assert m.dtype == torch.float32 and _rel(m, adaln.adaln_modulate_reference(x, shift.float(), scale.float())) < 1e-4
 
 
+def test_autocast_writes_modulated_output_in_autocast_dtype(kernel_device):
+    """Under bf16 autocast the modulated output feeds a bf16 matmul, so both paths write it in
+    bf16 directly (no fp32 tensor for autocast to cast); the residual h stays x's dtype."""
+    x, y, gate, shift, scale = _inputs((3, 17, 72), torch.float32, kernel_device, seed=12)
+    y, gate, shift, scale = (t.to(torch.bfloat16) for t in (y, gate, shift, scale))
+    g = torch.Generator().manual_seed(6)
+    douts = [torch.randn(x.shape, generator=g).to(device=kernel_device, dtype=dt)
+             for dt in (torch.bfloat16, torch.float32, torch.bfloat16)]  # for m, h, out
+    results = {}
+    for backend in ("triton", "torch"):
+        ins = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+        with torch.autocast(kernel_device.type, dtype=torch.bfloat16):
+            m = adaln.adaln_modulate(ins[0], ins[3], ins[4], backend=backend)
+            h, out = adaln.gated_residual_adaln(*ins, backend=backend)
+        assert m.dtype == out.dtype == torch.bfloat16 and h.dtype == torch.float32, backend
+        grads = torch.autograd.grad((m, h, out), ins, douts)
+        assert [t.dtype for t in grads] == [t.dtype for t in ins], backend
+        results[backend] = (m, h, out, *grads)
+    # bf16 tolerance throughout: the reference's gate * y is a bf16 product, the kernel's fp32
+    for name, a, b in zip(["m", "h", "out", "dx", "dy", "dgate", "dshift", "dscale"], *results.values()):
+        assert _rel(a, b) < 2e-2, (name, _rel(a, b))
+
+
 def test_bad_inputs_raise(kernel_device):
     x, y, gate, shift, scale = _inputs((2, 3, 8), torch.float32, kernel_device, seed=0)
     with pytest.raises(ValueError, match="y"):

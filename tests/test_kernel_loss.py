@@ -52,6 +52,30 @@ def test_flow_loss_matches_reference(kernel_device, shape, num_groups, dtype):
         assert _rel(a, b) < _tol(dtype), (name, _rel(a, b))
 
 
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_pred_matches_fp32_reference(kernel_device, target_dtype):
+    """The training loop hands in autocast's bf16 prediction as it is (no fp32 copy): the
+    kernel reads it in bf16 and accumulates in fp32, so it matches the reference on the
+    same values in fp32; the gradients come back in each input's own dtype."""
+    pred, target, weight, group = _inputs((5, 3, 7, 9), 3, torch.float32, kernel_device, seed=21)
+    pred, target = pred.to(torch.bfloat16), target.to(target_dtype)
+    ins = [pred.clone().requires_grad_(), target.clone().requires_grad_()]
+    total, groups = loss.flow_loss(*ins, weight, group, 3, backend="triton")
+    assert total.dtype == groups.dtype == torch.float32
+    dpred, dtarget = torch.autograd.grad(total, ins)
+    assert dpred.dtype == torch.bfloat16 and dtarget.dtype == target_dtype
+
+    ref_ins = [pred.float().requires_grad_(), target.float().requires_grad_()]
+    ref_total, ref_groups = loss.flow_loss_reference(*ref_ins, weight, group, 3)
+    ref_dpred, ref_dtarget = torch.autograd.grad(ref_total, ref_ins)
+    assert _rel(total, ref_total) < 1e-6
+    torch.testing.assert_close(groups, ref_groups, rtol=1e-6, atol=1e-7)
+    assert _rel(dpred, ref_dpred) < 1e-2 and _rel(dtarget, ref_dtarget) < 1e-2
+    # the torch path takes the same inputs (the reference casts inside)
+    torch_total, _ = loss.flow_loss(pred, target, weight, group, 3, backend="torch")
+    assert _rel(torch_total, ref_total) < 1e-6
+
+
 def test_empty_group_is_zero(kernel_device):
     pred, target, weight, _ = _inputs((6, 2, 5), 5, torch.float32, kernel_device, seed=4)
     group = torch.tensor([0, 2, 2, 0, 2, 0], device=kernel_device)
@@ -88,7 +112,8 @@ def test_gradcheck_float64(kernel_device):
 @pytest.mark.parametrize("bad,error", [("target", "target"), ("weight", "weight"), ("group", "group")])
 def test_bad_dtype_raises(kernel_device, bad, error):
     args = dict(zip(["pred", "target", "weight", "group"], _inputs((4, 3), 2, torch.float32, kernel_device, seed=0)))
-    args[bad] = args[bad].to({"target": torch.bfloat16, "weight": torch.int64, "group": torch.int32}[bad])
+    # a target of another float dtype is fine (a bf16 prediction against an fp32 target); an integer one is not
+    args[bad] = args[bad].to({"target": torch.int64, "weight": torch.int64, "group": torch.int32}[bad])
     with pytest.raises(ValueError, match=error):
         loss.flow_loss(**args, num_groups=2, backend="triton")
 

@@ -308,14 +308,16 @@ class DiT(nn.Module):
 def reference_kernels(model):
     """Run `model` on the PyTorch references, attention on SDPA's math path: forward-mode AD
     (torch.func.jvp, MeanFlow's target) has no rule for the Triton kernels or for SDPA's
-    fused CPU/CUDA kernels. The numbers agree with the fused kernels to their tolerance."""
+    fused CPU/CUDA kernels. The numbers agree with the fused kernels to their tolerance.
+    Compiled blocks (train.compile) run eagerly here: Dynamo refuses to trace under torch.func
+    transforms, and a block it gave up on once stays uncompiled for the training forwards too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     saved = getattr(model, "kernels", None)  # None: not a DiT (an analytic field in tests)
     if saved is not None:
         model.kernels = "torch"
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), torch.compiler.set_stance("force_eager"):
             yield model
     finally:
         if saved is not None:

@@ -2,7 +2,8 @@
 
 Parallelism and precision are applied here and nowhere else: ZeRO stage and batch
 arithmetic from the config, AdamW as the client optimizer (fp32 state), bf16 through
-autocast on CUDA with fp32 master weights (see `autocast`).
+autocast on CUDA with fp32 master weights (see `autocast`), and train.compile
+(`compile_blocks`).
 """
 import contextlib
 import json
@@ -67,6 +68,8 @@ def build_engine(cfg, model, world_size):
 
     ds = deepspeed_config(cfg, world_size)
     model.activation_checkpointing = cfg.train.activation_checkpointing
+    if cfg.train.compile:
+        compile_blocks(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds else torch.optim.AdamW(
         params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
@@ -74,6 +77,16 @@ def build_engine(cfg, model, world_size):
     engine, *_ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer, config=ds,
                                       lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup))
     return engine, ds
+
+
+def compile_blocks(model, **options):
+    """torch.compile each DiT block in place (options go to torch.compile). In place
+    (Module.compile) keeps parameter names, so checkpoints, exports and the EMAs see the
+    same model. The blocks rather than the whole model: they are the repeated compute and
+    share their compiled code (the first block apart, whose input has another layout),
+    while the embedders, the objectives and the loop stay eager."""
+    for block in model.blocks:
+        block.compile(**options)
 
 
 def precision(cfg, device):

@@ -243,7 +243,8 @@ def train(cfg):
             with autocast(mode, device):
                 t = objective({"x": x, "cond": cond}, nets, generator)
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
-            loss, group_losses = K.flow_loss(pred.float(), t.target.float(), t.loss_weight(pred), t.group,
+            # pred as autocast left it (bf16 on CUDA): the loss reads it in place and accumulates in fp32
+            loss, group_losses = K.flow_loss(pred, t.target, t.loss_weight(pred), t.group,
                                              len(objective.groups), backend=cfg.model.kernels)
             loss = guard.inject(loss, step)
             engine.backward(loss)
