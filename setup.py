@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "pyyaml>=6",
         "numpy",
+        "einops",
         "pillow",
         "tqdm",
     ],

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from flowpre import kernels as K
@@ -94,10 +95,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(hidden, hidden)
 
     def forward(self, x, backend):
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-        out = K.attention(qkv[0], qkv[1], qkv[2], backend=backend)  # (B, H, N, D)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        out = K.attention(q, k, v, backend=backend)  # (B, H, N, D)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class CrossAttention(nn.Module):
@@ -110,11 +110,10 @@ class CrossAttention(nn.Module):
         self.q, self.kv, self.proj = nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(hidden, hidden)
 
     def forward(self, x, context, backend):
-        B, N, C = x.shape
-        q = self.q(x).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)  # (B, H, N, D)
-        kv = self.kv(context).reshape(B, context.shape[1], 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = K.attention(q, kv[0], kv[1], backend=backend)  # k, v (B, H, L, D) -> (B, H, N, D)
-        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        out = K.attention(q, k, v, backend=backend)  # (B, H, N, D)
+        return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class Mlp(nn.Module):
@@ -232,9 +231,7 @@ class DiT(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def unpatchify(self, x):  # (B, N, p*p*C) -> (B, C, H, W)
-        B, p, g, C = x.shape[0], self.patch, self.grid, self.out_channels
-        x = x.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)
-        return x.reshape(B, C, g * p, g * p)
+        return rearrange(x, "b (gh gw) (ph pw c) -> b c (gh ph) (gw pw)", gh=self.grid, ph=self.patch, pw=self.patch)
 
     def forward(self, x, sigma, cond, step_level=None, sigma_end=None):
         """x (B, C, H, W), sigma (B,) in [0, 1], cond (B,) class ids or, for text models,
@@ -246,7 +243,7 @@ class DiT(nn.Module):
         if x.shape[1:] != (self.in_channels, self.image_size, self.image_size):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)  # (B, N, hidden)
+        h = rearrange(self.patch_embed(x), "b c gh gw -> b (gh gw) c") + self.pos_embed.to(x.dtype)  # (B, N, hidden)
         context = None
         if self.text_dim:
             if cond.shape[1:] != (self.text_tokens, self.text_dim):
