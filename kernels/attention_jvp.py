@@ -12,6 +12,7 @@ This module only computes; it is not registered with autograd or torch.func. The
 intended use is as the jvp rule of the attention autograd.Function (see
 attention_jvp_forward's contract).
 """
+import importlib
 import math
 
 import torch
@@ -20,6 +21,9 @@ from .attention import (_LOG2E, _align, _bucket, _check_buffer, _check_inputs, _
                         _strides)
 from .attention_jvp_kernels import _INTERPRET, _jvp_fwd
 from .backend import use_triton
+
+# The module, for ALLOW_TF32 read at call time (the package's `attention` is the function).
+_attention = importlib.import_module(__package__ + ".attention")
 
 
 def _default_scale(q, scale):
@@ -58,6 +62,23 @@ def attention_jvp_reference(q, k, v, tq, tk, tv, scale=None):
     return out.to(dtype), tangent.to(dtype)
 
 
+def _gpu_meta(q):
+    """attention's compile-time parameters, but fp32 tile products as 3xTF32 on the GPU.
+
+    Exact ("ieee") fp32 products lower to FMA loops, not tensor cores; with the JVP's
+    five products per key block, triton 3.9's LLVM aborts the whole process (an SLP
+    vectorizer assertion) for about half the configs built for sm_90, and those that
+    build spill heavily. 3xTF32 (each operand split in two TF32 halves, three tensor-core
+    products) stays within ~1e-6 of fp32 and never aborted in ~50 builds across head
+    dims. attention.ALLOW_TF32 = True takes plain TF32, as for the plain attention.
+    The interpreter computes every precision exactly, so it keeps attention's choice.
+    """
+    meta = _meta(q)
+    if q.dtype == torch.float32 and not _INTERPRET and not _attention.ALLOW_TF32:
+        meta["PREC"] = "tf32x3"
+    return meta
+
+
 def _check_tangents(q, k, v, tq, tk, tv):
     for name, t, primal, primal_name in (("tq", tq, q, "q"), ("tk", tk, k, "k"), ("tv", tv, v, "v")):
         if t is None:
@@ -82,10 +103,13 @@ def attention_jvp_forward(q, k, v, tq, tk, tv, scale=None, *, out=None, tangent_
     - Any strides: a tensor whose last dim is not unit-stride is copied first; others are
       read in place (packed qkv views, transposed layouts).
     - Returns (out, tangent_out), both (B, H, M, D) in q's dtype, unit stride in D.
-      out matches attention_forward's output (same kernel arithmetic); tangent_out is
+      out is attention_forward's output up to rounding (the same arithmetic per key
+      block; the tuned block sizes may differ); tangent_out is
       d/de attention(q + e tq, k + e tk, v + e tv) at e = 0.
-    - Accumulation in fp32 for 16-bit inputs and fp64 for fp64 inputs. As in the plain
-      forward, compiled Triton passes `scale` as fp32, so fp64 results are exact to ~1e-7.
+    - Accumulation in fp32 for 16-bit inputs and fp64 for fp64 inputs. On the GPU, fp32
+      tile products run as 3xTF32 (~1e-6 relative; see _gpu_meta) where the plain
+      forward uses exact fp32, and compiled Triton passes `scale` as fp32, so fp64
+      results are exact to ~1e-7 (as for the plain forward).
     - Keyword-only buffers to write into (fully overwritten, checked like
       attention_forward's): out and tangent_out (q's shape and dtype, unit stride in
       D), lse ((B, H, M) contiguous, fp32 or fp64 for fp64 inputs; the natural-log
@@ -119,7 +143,7 @@ def attention_jvp_forward(q, k, v, tq, tk, tv, scale=None, *, out=None, tangent_
         q, k, v, tq_, tk_, tv_, out, tangent_out, out if lse is None else lse, *strides,
         H, M, N, _bucket(M), _bucket(N), scale * _LOG2E, scale, ALIGN=align,
         HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, STORE_LSE=lse is not None,
-        **_meta(q), **extra)
+        **_gpu_meta(q), **extra)
     return out, tangent_out
 
 

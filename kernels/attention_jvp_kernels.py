@@ -22,7 +22,7 @@ offsets, TILE/ACC dtypes) are those of attention_kernels.py; see the comment the
 import triton
 import triton.language as tl
 
-from .attention_kernels import _INTERPRET, _table_configs
+from .attention_kernels import _INTERPRET
 
 
 @triton.jit
@@ -105,6 +105,13 @@ def _jvp_fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE,
         acc_t = acc_t * alpha[:, None]
         if DH > 0:
             acc_te = acc_te * alpha[:, None]
+        pt = p.to(TILE)
+        if HAS_TV:
+            tv = tl.load(tv_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
+            acc_t = tl.dot(pt, tv, acc_t, input_precision=PREC, out_dtype=ACC)
+            if DH > 0:
+                tve = tl.load(tv_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
+                acc_te = tl.dot(pt, tve, acc_te, input_precision=PREC, out_dtype=ACC)
         if HAS_TQ or HAS_TK:
             pts = p * (ts * scale)
             mu_l = mu_l * alpha + tl.sum(pts, 1)
@@ -112,53 +119,78 @@ def _jvp_fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE,
             acc_t = tl.dot(pts, v, acc_t, input_precision=PREC, out_dtype=ACC)
             if DH > 0:
                 acc_te = tl.dot(pts, ve, acc_te, input_precision=PREC, out_dtype=ACC)
-        p = p.to(TILE)
-        acc_o = tl.dot(p, v, acc_o * alpha[:, None], input_precision=PREC, out_dtype=ACC)
+        acc_o = tl.dot(pt, v, acc_o * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         if DH > 0:
-            acc_oe = tl.dot(p, ve, acc_oe * alpha[:, None], input_precision=PREC, out_dtype=ACC)
-        if HAS_TV:
-            tv = tl.load(tv_rows + offs_d[None, :], mask=n_ok & d_ok, other=0.0).to(TILE)
-            acc_t = tl.dot(p, tv, acc_t, input_precision=PREC, out_dtype=ACC)
-            if DH > 0:
-                tve = tl.load(tv_rows + offs_e[None, :], mask=n_ok & e_ok, other=0.0).to(TILE)
-                acc_te = tl.dot(p, tve, acc_te, input_precision=PREC, out_dtype=ACC)
+            acc_oe = tl.dot(pt, ve, acc_oe * alpha[:, None], input_precision=PREC, out_dtype=ACC)
         m_i = m_new
         k_rows += (BLOCK_N * skn) * ALIGN
         v_rows += (BLOCK_N * svn) * ALIGN
         tk_rows += (BLOCK_N * stkn) * ALIGN
         tv_rows += (BLOCK_N * stvn) * ALIGN
 
-    # l_i >= 1 (the row maximum contributes exp2(0)), so no division by zero.
-    inv_l = 1.0 / l_i
-    mu = mu_l * inv_l
+    # l_i >= 1 (the row maximum contributes exp2(0)), so no division by zero. Dividing
+    # (not multiplying by 1 / l) keeps out's arithmetic that of the plain forward.
+    mu = mu_l / l_i
     o_rows = O + (b * sob + h * soh) * ALIGN + (offs_m[:, None] * son) * ALIGN
     to_rows = TO + (b * stob + h * stoh) * ALIGN + (offs_m[:, None] * ston) * ALIGN
-    tl.store(o_rows + offs_d[None, :], (acc_o * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok & d_ok)
-    tl.store(to_rows + offs_d[None, :], ((acc_t - mu[:, None] * acc_o) * inv_l[:, None]).to(TO.dtype.element_ty),
+    tl.store(o_rows + offs_d[None, :], (acc_o / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok & d_ok)
+    tl.store(to_rows + offs_d[None, :], ((acc_t - mu[:, None] * acc_o) / l_i[:, None]).to(TO.dtype.element_ty),
              mask=m_ok & d_ok)
     if DH > 0:
-        tl.store(o_rows + offs_e[None, :], (acc_oe * inv_l[:, None]).to(O.dtype.element_ty), mask=m_ok & e_ok)
+        tl.store(o_rows + offs_e[None, :], (acc_oe / l_i[:, None]).to(O.dtype.element_ty), mask=m_ok & e_ok)
         tl.store(to_rows + offs_e[None, :],
-                 ((acc_te - mu[:, None] * acc_oe) * inv_l[:, None]).to(TO.dtype.element_ty), mask=m_ok & e_ok)
+                 ((acc_te - mu[:, None] * acc_oe) / l_i[:, None]).to(TO.dtype.element_ty), mask=m_ok & e_ok)
     if STORE_LSE:
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # back to natural log
         tl.store(LSE + bh.to(tl.int64) * M + offs_m, lse.to(LSE.dtype.element_ty), mask=offs_m < M)
 
 
 # ----------------------------------------------------------------------------- tuning
-# (BLOCK_M, BLOCK_N, num_warps, num_stages), pools as in attention_kernels._TABLES. The
-# JVP holds two [BLOCK_M, D] fp32 accumulators and, per key block, up to four key-side
-# tiles (k, v, tk, tv) plus two [BLOCK_M, BLOCK_N] score tiles (S and tS), about twice
-# the plain forward's registers and shared memory: the pools keep the forward's query
-# blocks but fewer pipeline stages and narrower key blocks. Every first entry was
-# compiled with ptxas for sm_80 and sm_90 (tests/test_kernel_attention_jvp.py): no
-# spills at the DiT head dims, within shared memory.
-JVP_TABLE = {
-    "small": [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)],
-    "large": [(64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-    "huge": [(16, 16, 4, 1)],
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The JVP keeps two [BLOCK_M, D] fp32
+# accumulators, q and tq, and per key block up to four key-side tiles (k, v, tk, tv)
+# and two score tiles (S and tS): about twice the plain forward's registers and shared
+# memory, so key blocks are narrower than the forward's. Pools by element size and
+# padded head width (DL + DH); the first entry of a pool runs untuned for short
+# sequences (M and N < TUNE_FROM_N), the rest join the tuning above that.
+# Chosen from ptxas builds for sm_90 and sm_80 (registers, spills, shared memory; the
+# checked subset is in tests/test_kernel_attention_jvp.py):
+# - "small", 16-bit heads up to 128 wide (the DiT shapes, on tensor cores): no entry
+#   spills on sm_90 at D = 64 and 72, nor the first three at D = 128; on sm_80 the
+#   first entry does not spill at D <= 72 (8 bytes at D = 128).
+# - "wide16", 16-bit heads past 128 (up to 256): the first entry spills on neither.
+# - "fp32" (run as 3xTF32 on the GPU, see attention_jvp._gpu_meta) and "fp64" are
+#   correctness paths: fp32/fp64 tiles hold 2-4x the bytes, every pool fits shared
+#   memory, the first entries spill little or nothing at D <= 72 (fp32 at D = 128
+#   spills a few hundred bytes, the "_wide" pools several KB).
+JVP_TABLES = {
+    "small": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
+    "wide16": [(32, 16, 4, 2), (32, 32, 4, 2), (64, 16, 8, 2)],
+    "fp32": [(16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 2)],
+    "fp32_wide": [(16, 16, 4, 1)],
+    "fp64": [(32, 16, 4, 2), (16, 16, 4, 1)],
+    "fp64_wide": [(16, 16, 4, 1)],
 }
+TUNE_FROM_N = 256  # compared with the M/N buckets, kernel arguments that only key the tuning
 TUNE_KEY = ["M_BUCKET", "N_BUCKET", "D", "HAS_TQ", "HAS_TK", "HAS_TV"]
+
+
+def pool_name(element_size, width):
+    """Which JVP_TABLES pool serves inputs of this element size and padded head width."""
+    if element_size == 2:
+        return "small" if width <= 128 else "wide16"
+    limit = 128 if element_size == 4 else 80
+    return ("fp32" if element_size == 4 else "fp64") + ("" if width <= limit else "_wide")
+
+
+def _configs():
+    pools = {name: [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+                    for bm, bn, w, st in rows] for name, rows in JVP_TABLES.items()}
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        pool = pools[pool_name(args["Q"].element_size(), args["DL"] + args["DH"])]
+        return pool if max(args["M_BUCKET"], args["N_BUCKET"]) >= TUNE_FROM_N else pool[:1]
+    return [c for pool in pools.values() for c in pool], prune
 
 
 def _build(kernel):
@@ -166,9 +198,8 @@ def _build(kernel):
     heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
     if _INTERPRET:  # one fixed config: autotune would need a CPU timer and time for nothing
         return heur(kernel)
-    configs, prune = _table_configs(JVP_TABLE, outer_is_m=True)
-    return triton.autotune(configs=configs, key=TUNE_KEY,
-                           prune_configs_by={"early_config_prune": prune})(heur(kernel))
+    configs, prune = _configs()
+    return triton.autotune(configs=configs, key=TUNE_KEY, prune_configs_by={"early_config_prune": prune})(heur(kernel))
 
 
 _jvp_fwd = _build(_jvp_fwd_kernel)
