@@ -13,8 +13,10 @@ Online over key blocks, with the running row maximum m and unnormalised p = exp(
     mu_l  += rowsum(p o tS)       acc_t += (p o tS) v + p tv
 every accumulator rescaled by exp(m_old - m_new) when the maximum moves, as in the
 plain forward. At the end O = acc_o / l, mu = mu_l / l and tO = (acc_t - mu acc_o) / l.
-That is five tile products per key block (S, the two halves of tS, then p v, (p o tS) v
-and p tv share three), against two for the plain forward.
+That is six tile products per key block (S; the two halves of tS; p v, (p o tS) v and
+p tv), against two for the plain forward: 3x its FLOPs. A missing (None) tangent's
+products are left out at compile time: its half of tS for tq or tk, (p o tS) v when
+both are missing, p tv without tv.
 
 Layout conventions (head-dim split DL + DH, strides divided by ALIGN, int64 head
 offsets, TILE/ACC dtypes) are those of attention_kernels.py; see the comment there.
@@ -152,20 +154,20 @@ def _jvp_fwd_kernel(Q, K, V, TQ, TK, TV, O, TO, LSE,
 # memory, so key blocks are narrower than the forward's. Pools by element size and
 # padded head width (DL + DH); the first entry of a pool runs untuned for short
 # sequences (M and N < TUNE_FROM_N), the rest join the tuning above that.
-# Chosen from ptxas builds for sm_90 and sm_80 (registers, spills, shared memory; the
-# checked subset is in tests/test_kernel_attention_jvp.py):
-# - "small", 16-bit heads up to 128 wide (the DiT shapes, on tensor cores): no entry
-#   spills on sm_90 at D = 64 and 72, nor the first three at D = 128; on sm_80 the
-#   first entry does not spill at D <= 72 (8 bytes at D = 128).
+# Chosen from ptxas builds of every entry for sm_90 and sm_80 at D = 16 to 256
+# (benchmarks/results/attention_jvp_registers_offline.json; the tests recheck a subset):
+# - "small", 16-bit heads up to 128 wide (the DiT shapes, on tensor cores): on sm_90 no
+#   entry spills at D = 16, 40, 64, 72, the first three not at D = 128 either; on sm_80
+#   the first entry spills nothing at D <= 72 and 8 bytes at D = 128. A D that breaks
+#   16-byte row alignment (D = 100) spills 40-50 bytes on sm_90.
 # - "wide16", 16-bit heads past 128 (up to 256): the first entry spills on neither.
-# - "fp32" (run as 3xTF32 on the GPU, see attention_jvp._gpu_meta) and "fp64" are
-#   correctness paths: fp32/fp64 tiles hold 2-4x the bytes, every pool fits shared
-#   memory, the first entries spill little or nothing at D <= 72 (fp32 at D = 128
-#   spills a few hundred bytes, the "_wide" pools several KB).
+# - "fp32" (3xTF32 on the GPU, see attention_jvp._gpu_meta) and "fp64" are correctness
+#   paths, untuned: fp32/fp64 tiles hold 2-4x the bytes. All fit shared memory; fp32
+#   spills ~200 bytes at D = 72-128 and ~8 KB in "fp32_wide", fp64 nothing at D <= 72.
 JVP_TABLES = {
     "small": [(128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 2)],
     "wide16": [(32, 16, 4, 2), (32, 32, 4, 2), (64, 16, 8, 2)],
-    "fp32": [(16, 16, 4, 2), (16, 32, 4, 1), (32, 16, 4, 2)],
+    "fp32": [(16, 16, 4, 2)],
     "fp32_wide": [(16, 16, 4, 1)],
     "fp64": [(32, 16, 4, 2), (16, 16, 4, 1)],
     "fp64_wide": [(16, 16, 4, 1)],

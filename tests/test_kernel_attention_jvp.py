@@ -279,3 +279,17 @@ def test_benchmark_smoke(tmp_path):
     assert report["status"] == "smoke" and "smoke" in done.stdout
     (row,) = report["rows"]
     assert row["results"]["triton_jvp"]["tangent_rel_err_vs_func_jvp"] < 2e-2, row
+
+
+def test_tuning_pools_by_dtype_and_width():
+    """The pool a launch tunes over, and its untuned first entry for short sequences."""
+    K = importlib.import_module(jvp.__package__ + ".attention_jvp_kernels")
+    assert [K.pool_name(2, w) for w in (80, 128, 256)] == ["small", "small", "wide16"]
+    assert [K.pool_name(4, w) for w in (80, 256)] == ["fp32", "fp32_wide"]
+    assert [K.pool_name(8, w) for w in (80, 128)] == ["fp64", "fp64_wide"]
+    configs, prune = K._configs()
+    q = torch.empty(1, device="meta", dtype=torch.bfloat16)
+    short = prune(configs, dict(Q=q, M_BUCKET=128, N_BUCKET=64), DL=64, DH=16)
+    long = prune(configs, dict(Q=q, M_BUCKET=1024, N_BUCKET=64), DL=64, DH=16)
+    rows = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in long]
+    assert rows == K.JVP_TABLES["small"] and short == long[:1]
