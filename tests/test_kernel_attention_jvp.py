@@ -163,7 +163,7 @@ def test_packed_strided_inputs_and_buffers(kernel_device):
     assert got[0] is out and got[1] is tangent_out
     check(q, k, v, tq, tk, tv, 1.0 / math.sqrt(D), out, tangent_out, TOL[dtype])
     plain_out, plain_lse = attn.attention_forward(q, k, v)
-    assert rel_err(out, plain_out) < 1e-2 and rel_err(lse, plain_lse) < 1e-6
+    assert rel_err(out, plain_out) < 1e-2 and rel_err(lse, plain_lse) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
