@@ -36,7 +36,7 @@ import triton.language as tl
 
 from . import registers
 from .adaln_kernels import _adaln_bwd_kernel, _adaln_fwd_kernel
-from .backend import use_triton
+from .backend import forward_mode_active, use_triton
 
 MAX_C = 16384  # one row lives in registers; beyond this the kernel would spill badly
 
@@ -311,6 +311,28 @@ def _(h, y, gate, scale, mean, rstd, dh, dout):
 # ----------------------------------------------------------------------------- autograd
 # autograd.Functions over the ops, in the setup_context style that torch.func transforms need.
 
+def modulate_tangent(x, scale, tx, tshift, tscale, eps, out_dtype):
+    """The forward-mode derivative of adaln_modulate at x along (tx, tshift, tscale), any of
+    them None for zero. With n = (x - mean) * rstd: dn = rstd * (dx - mean(dx) - n * mean(n dx)),
+    and d out = dn * (1 + scale) + n * dscale + dshift. A memory-bound op, so plain PyTorch in
+    fp32 (it runs once per JVP, beside three attention-sized kernels)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    mean = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.var(-1, keepdim=True, unbiased=False) + eps)
+    n = (xf - mean) * rstd
+    tangent = torch.zeros_like(n)
+    if tx is not None:
+        t = tx.to(acc)
+        dn = rstd * (t - t.mean(-1, keepdim=True) - n * (n * t).mean(-1, keepdim=True))
+        tangent = tangent + dn * (1 + scale.to(acc)[:, None])
+    if tscale is not None:
+        tangent = tangent + n * tscale.to(acc)[:, None]
+    if tshift is not None:
+        tangent = tangent + tshift.to(acc)[:, None]
+    return tangent.to(out_dtype)
+
+
 class AdaLNModulate(torch.autograd.Function):
     """apply(x, shift, scale, eps, out_dtype) -> (out, mean, rstd); mean, rstd not differentiable."""
 
@@ -323,6 +345,8 @@ class AdaLNModulate(torch.autograd.Function):
         x, _, scale, _, _ = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.save_for_forward(x, scale)
+        ctx.eps, ctx.out_dtype = inputs[3], inputs[4]
         ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
@@ -346,6 +370,8 @@ class GatedResidualAdaLN(torch.autograd.Function):
         # h is an output anyway, so keeping it costs no memory and saves the
         # backward a read of x (h = x + gate*y would need both x and y)
         ctx.save_for_backward(h, y, gate, scale, mean, rstd)
+        ctx.save_for_forward(h, y, gate, scale)
+        ctx.eps, ctx.out_dtype = inputs[5], inputs[6]
         ctx.mark_non_differentiable(mean, rstd)
 
     @staticmethod
@@ -353,6 +379,30 @@ class GatedResidualAdaLN(torch.autograd.Function):
         h, y, gate, scale, mean, rstd = ctx.saved_tensors
         dx, dy, dgate, dshift, dscale = gated_residual_adaln_backward_op(h, y, gate, scale, mean, rstd, dh, dout)
         return dx, dy, dgate, dshift, dscale, None, None
+
+
+class AdaLNModulateForwardMode(AdaLNModulate):
+    """With a forward-mode rule, applied under torch.func.jvp / forward AD only
+    (backend.forward_mode_active): Dynamo cannot trace a Function that has a jvp."""
+
+    @staticmethod
+    def jvp(ctx, tx, tshift, tscale, _teps, _tdtype):
+        x, scale = ctx.saved_tensors
+        return modulate_tangent(x, scale, tx, tshift, tscale, ctx.eps, ctx.out_dtype), None, None
+
+
+class GatedResidualAdaLNForwardMode(GatedResidualAdaLN):
+    """GatedResidualAdaLN with a forward-mode rule (see AdaLNModulateForwardMode)."""
+
+    @staticmethod
+    def jvp(ctx, tx, ty, tgate, tshift, tscale, _teps, _tdtype):
+        h, y, gate, scale = ctx.saved_tensors
+        th = None  # h = x + gate * y
+        for term in (tx, None if tgate is None else tgate[:, None] * y, None if ty is None else gate[:, None] * ty):
+            if term is not None:
+                th = term if th is None else th + term
+        tout = modulate_tangent(h, scale, th, tshift, tscale, ctx.eps, ctx.out_dtype)
+        return (torch.zeros_like(h) if th is None else th.to(h.dtype)), tout, None, None
 
 
 def modulated_dtype(x):
@@ -372,7 +422,8 @@ def adaln_modulate(x, shift, scale, eps=1e-6, backend="auto"):
     if use_triton(backend, x):
         shift, scale = shift.to(x.dtype), scale.to(x.dtype)  # (B, C): autocast may hand these in bf16
         _check(x, shift, scale)
-        return AdaLNModulate.apply(x, shift, scale, eps, out_dtype)[0]
+        function = AdaLNModulateForwardMode if forward_mode_active() else AdaLNModulate
+        return function.apply(x, shift, scale, eps, out_dtype)[0]
     return adaln_modulate_reference(x, shift, scale, eps, out_dtype)
 
 
@@ -383,6 +434,7 @@ def gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6, backend="auto"):
     if use_triton(backend, x):
         gate, shift, scale = gate.to(x.dtype), shift.to(x.dtype), scale.to(x.dtype)
         _check(x, shift, scale, y, gate)
-        h, out, _, _ = GatedResidualAdaLN.apply(x, y, gate, shift, scale, eps, out_dtype)
+        function = GatedResidualAdaLNForwardMode if forward_mode_active() else GatedResidualAdaLN
+        h, out, _, _ = function.apply(x, y, gate, shift, scale, eps, out_dtype)
         return h, out
     return gated_residual_adaln_reference(x, y, gate, shift, scale, eps, out_dtype)

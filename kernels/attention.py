@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .attention_kernels import _INTERPRET, _bwd_delta_kernel, _bwd_dkdv, _bwd_dq, _fwd
-from .backend import use_triton
+from .backend import forward_mode_active, use_triton
 
 # fp32 inputs use exact ("ieee") dots by default so fp32 matches torch to ~1e-6;
 # set True to trade that for tf32 tensor-core speed.
@@ -234,8 +234,8 @@ def _(q, k, v, out, lse, dout, scale):
 
 
 class FlashAttention(torch.autograd.Function):
-    """The ops' autograd. In the setup_context style (forward without ctx), which torch.func
-    transforms require: a forward-mode rule (jvp) can be added here as a staticmethod.
+    """The ops' autograd, backward and forward mode, in the setup_context style (forward
+    without ctx) that torch.func transforms require.
     apply(q, k, v, scale) -> (out, lse); lse is not differentiable."""
 
     @staticmethod
@@ -247,6 +247,7 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, scale = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_forward(q, k, v)  # what a jvp rule reads back as ctx.saved_tensors
         ctx.scale = scale
         ctx.mark_non_differentiable(lse)
 
@@ -255,6 +256,21 @@ class FlashAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = flash_attention_backward_op(q, k, v, out, lse, dout, ctx.scale)
         return dq, dk, dv, None
+
+
+class FlashAttentionForwardMode(FlashAttention):
+    """FlashAttention with a forward-mode rule, applied under torch.func.jvp / forward AD only
+    (backend.forward_mode_active): Dynamo cannot trace a Function that has a jvp."""
+
+    @staticmethod
+    def jvp(ctx, tq, tk, tv, _tscale):
+        # torch.func.jvp (MeanFlow's target) through the fused kernels: the output's tangent
+        # by the flash-style forward-mode kernel (attention_jvp.py), no M x N matrix either
+        from .attention_jvp import flash_attention_jvp_op
+
+        q, k, v = ctx.saved_tensors
+        _, tangent_out = flash_attention_jvp_op(q, k, v, tq, tk, tv, ctx.scale)
+        return tangent_out, None
 
 
 def attention(q, k, v, scale=None, backend="auto"):
@@ -271,5 +287,6 @@ def attention(q, k, v, scale=None, backend="auto"):
             if backend != "auto":
                 raise
         else:
-            return FlashAttention.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
+            function = FlashAttentionForwardMode if forward_mode_active() else FlashAttention
+            return function.apply(q, k, v, 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale))[0]
     return attention_reference(q, k, v, scale)

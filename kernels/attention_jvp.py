@@ -8,9 +8,10 @@ M x N matrix in memory. Consistency models and MeanFlow need this JVP of every
 attention layer; PyTorch's fused SDPA kernels refuse forward-mode AD, and its math path
 materialises P and tP. The kernel and its derivation are in attention_jvp_kernels.py.
 
-This module only computes; it is not registered with autograd or torch.func. The
-intended use is as the jvp rule of the attention autograd.Function (see
-attention_jvp_forward's contract).
+It is the forward-mode rule of the attention autograd.Function (attention.py's
+FlashAttention.jvp), through the custom op flowpre::flash_attention_jvp: under torch.func
+the rule sees functorch-wrapped tensors, which only the dispatcher unwraps, and the op is
+opaque to torch.compile like the other kernels.
 """
 import importlib
 import math
@@ -148,9 +149,20 @@ def attention_jvp_forward(q, k, v, tq, tk, tv, scale=None, *, out=None, tangent_
     return out, tangent_out
 
 
-@torch.compiler.disable  # Dynamo cannot trace into Triton launchers with autotune/heuristics
-def _attention_jvp_triton(q, k, v, tq, tk, tv, scale):
+@torch.library.custom_op("flowpre::flash_attention_jvp", mutates_args=())
+def flash_attention_jvp_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
+                           tk: torch.Tensor | None, tv: torch.Tensor | None,
+                           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return attention_jvp_forward(q, k, v, tq, tk, tv, scale)
+
+
+@flash_attention_jvp_op.register_fake
+def _(q, k, v, tq, tk, tv, scale):
+    return q.new_empty(q.shape), q.new_empty(q.shape)
+
+
+def _attention_jvp_triton(q, k, v, tq, tk, tv, scale):
+    return flash_attention_jvp_op(q, k, v, tq, tk, tv, _default_scale(q, scale))
 
 
 def attention_jvp(q, k, v, tq, tk, tv, scale=None, backend="auto"):

@@ -44,3 +44,12 @@ def use_triton(backend: str, tensor: torch.Tensor) -> bool:
             "backend='triton' on a CPU tensor needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before importing flowpre (or use backend='torch')")
     return True
+
+
+def forward_mode_active() -> bool:
+    """True under a torch.func transform (jvp) or a forward-AD dual level. The kernels then
+    apply the variant of their autograd.Function that carries a forward-mode (jvp) rule:
+    Dynamo cannot trace a Function that has one, so compiled training uses the plain one."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.maybe_current_level() is not None or torch.autograd.forward_ad._current_level >= 0

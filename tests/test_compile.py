@@ -12,7 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import flowpre.kernels  # noqa: F401 - registers the ops under torch.ops.flowpre
 from flowpre.config import ConfigError, load_config
-from flowpre.models.dit import build_dit, reference_kernels
+from flowpre.models.dit import build_dit, forward_mode_kernels
 from flowpre.train.engine import compile_blocks
 
 from helpers import launch, metrics, train
@@ -104,15 +104,15 @@ def test_compiled_blocks_match_eager(kernels, checkpointing):
 
 
 def test_jvp_through_compiled_blocks_leaves_them_compiled():
-    """MeanFlow's target takes a JVP through the student under reference_kernels. Dynamo cannot
-    trace under torch.func and would then skip the block's code for good; reference_kernels
+    """MeanFlow's target takes a JVP through the student under forward_mode_kernels. Dynamo cannot
+    trace under torch.func and would then skip the block's code for good; forward_mode_kernels
     runs the blocks eagerly instead, so the training forward after it still compiles."""
     model = _dit("torch", time_inputs=2)
     counter = CompileCounterWithBackend("eager")
     for block in model.blocks:
         block.compile(backend=counter)
     x, sigma, cond = _inputs()
-    with reference_kernels(model):
+    with forward_mode_kernels(model):
         _, tangent = torch.func.jvp(lambda z: model(z, sigma, cond, sigma_end=sigma / 2), (x,), (torch.ones_like(x),))
     assert torch.isfinite(tangent).all() and counter.frame_count == 0
     model(x, sigma, cond, sigma_end=sigma / 2).sum().backward()

@@ -302,16 +302,19 @@ class DiT(nn.Module):
 
 
 @contextlib.contextmanager
-def reference_kernels(model):
-    """Run `model` on the PyTorch references, attention on SDPA's math path: forward-mode AD
-    (torch.func.jvp, MeanFlow's target) has no rule for the Triton kernels or for SDPA's
-    fused CPU/CUDA kernels. The numbers agree with the fused kernels to their tolerance.
+def forward_mode_kernels(model):
+    """Run `model` where forward-mode AD (torch.func.jvp, MeanFlow's target) has rules: the
+    fused Triton kernels when they serve the model (attention by its flash-style JVP kernel,
+    adaLN by its explicit tangent), else the PyTorch references with attention on SDPA's math
+    path (SDPA's fused CPU/CUDA kernels have no forward-mode rule).
     Compiled blocks (train.compile) run eagerly here: Dynamo refuses to trace under torch.func
     transforms, and a block it gave up on once stays uncompiled for the training forwards too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     saved = getattr(model, "kernels", None)  # None: not a DiT (an analytic field in tests)
-    if saved is not None:
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    fused = saved is not None and param is not None and K.use_triton(saved, param)
+    if saved is not None and not fused:
         model.kernels = "torch"
     try:
         with sdpa_kernel(SDPBackend.MATH), torch.compiler.set_stance("force_eager"):

@@ -21,10 +21,10 @@ Choices where METHOD.md is silent (each a config key or stated here):
 - The JVP is taken through the bare student without gradient: the target is stop-gradient
   anyway, and the training loop's own forward makes the prediction that is regressed. That
   costs one more forward on the jump share than the paper's joint primal + tangent pass, and
-  keeps the one objective signature (the loop never sees a JVP). The JVP forward runs on the
-  PyTorch reference kernels (DiT.reference_kernels): the fused Triton attention has no
-  forward-mode rule yet, and SDPA's fused kernels refuse forward AD. With model.kernels=triton
-  the student's training forward still runs Triton.
+  keeps the one objective signature (the loop never sees a JVP). The JVP forward runs where
+  forward mode has rules (DiT.forward_mode_kernels): the fused Triton kernels when they serve
+  the model (attention by its flash-style JVP kernel), else the PyTorch references with SDPA's
+  math path (its fused kernels refuse forward AD).
 - Finite difference: gap `fd_delta` on each side, shrunk per sample so t + d+ <= 1 and
   t - d- >= (t + r) / 2 > r. When one side is shrunk the stencil is one-sided-biased (first
   order) rather than refusing the sample. Its two forwards run in fp32 with autocast off: in
@@ -38,7 +38,7 @@ Choices where METHOD.md is silent (each a config key or stated here):
 import torch
 
 from flowpre.config import ConfigError
-from flowpre.models.dit import reference_kernels
+from flowpre.models.dit import forward_mode_kernels
 from flowpre.sampling import null_like
 
 from .base import FM, GROUPS, SC, Targets, adaptive_weighting, bare_module, drop_labels
@@ -89,7 +89,7 @@ class MeanFlow:
         """du/dt along the interpolation line at (z_t, t -> r), (n, C, H, W), without gradient."""
         if not self.finite_difference:
             student = bare_module(nets.student)
-            with reference_kernels(student):
+            with forward_mode_kernels(student):
                 def u(z_, t_, r_):
                     return student(z_, t_, cond, sigma_end=r_)
                 _, dudt = torch.func.jvp(u, (z, t, r), (v, torch.ones_like(t), torch.zeros_like(r)))
