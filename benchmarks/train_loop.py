@@ -13,8 +13,8 @@ From each run's metrics.jsonl: img/s and MFU are the median over the logged wind
 after the first (which holds start-up: Triton autotuning, DeepSpeed's first steps);
 objective_overhead is the objective's extra no-grad forwards in units of the student's
 forward + backward. The JSON is rewritten after every run, so a run cut off by --budget
-or the stage's cap still leaves the finished ones. Runs go in priority order (ZeRO-2
-before ZeRO-3, DiT-XL/2 first) and a run is not started with less than --min-run-s left.
+or the stage's cap still leaves the finished ones. The headline run goes first (DiT-XL/2,
+fm, ZeRO-2), then those closest to it (`plan`), and none starts with less than --min-run-s left.
 
 Without CUDA the same code runs on the CPU (fp32, gloo): tests use that with a tiny model.
 """
@@ -49,9 +49,14 @@ def parse_batches(text, models):
 
 
 def plan(models, objectives, stages):
-    """(zero, model, objective) in priority order: ZeRO-2 (the MFU goal's setting) first,
-    models in the order given, fm before scfm (their ratio is a goal)."""
-    return [(z, m, o) for z, m, o in itertools.product(stages, models, objectives)]
+    """(zero, model, objective), the headline run first (the first of each list: ZeRO-2,
+    DiT-XL/2, fm, the MFU goal's setting), then the runs that differ from it in one thing
+    (scfm for the step-time ratio, then ZeRO-3, then the other model), then in two, and so on, so
+    that a budget cut leaves out the runs furthest from it."""
+    def distance(run):
+        other = (run[1] != models[0], run[0] != stages[0], run[2] != objectives[0])
+        return sum(other), other  # ties: another objective, then another stage, then another model
+    return sorted(itertools.product(stages, models, objectives), key=distance)
 
 
 def overrides(run_dir, shards, model, objective, zero, batch, steps, log_every, workers):

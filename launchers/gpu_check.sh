@@ -9,8 +9,9 @@
 # Budget (seconds, each stage capped by `timeout`): TEST_S 110 + LOOP_S 190 + BENCH_S 90 +
 # SWEEP_S 25 + TRAIN_S 30 = 445, plus ~15 s for the wheel install and start-up: 460 s
 # worst case, under 8 minutes (device call: timeout_s=500). A stage cut off by its cap
-# still leaves what it measured: each writes its JSON as it goes. The loop stage runs
-# ZeRO-2 before ZeRO-3 and DiT-XL/2 first, and records the runs its budget left out.
+# still leaves what it measured: each writes its JSON as it goes. The loop stage starts
+# with DiT-XL/2 fm at ZeRO-2 (the MFU goal), then scfm (the step-time ratio), then ZeRO-3,
+# then DiT-B/2, and records the runs its budget left out.
 # Environment: FLOWPRE_COMMIT=<sha> stamps the results; TESTS, LOOP_FLAGS (flags of
 # benchmarks/train_loop.py, e.g. "--models DiT-XL/2 --zero 2 --batch 128"), BENCH_FLAGS,
 # FLOWPRE_BENCH_ATTN ("N:D,M:N:D,..."), SWEEP_FLAGS and THROUGHPUT_MODELS narrow the stages.

@@ -93,7 +93,6 @@ def test_train_loop_stage_skips_what_its_budget_leaves_out(tmp_path):
     assert all(r["skipped"].startswith("budget") for r in report["rows"]) and report["ratios"] == {}
 
 
-@pytest.mark.slow
 def test_train_loop_stage_runs_flowpre_train_on_cpu(tmp_path):
     """The loop stage as the GPU check runs it, small: `flowpre train` under DeepSpeed at
     ZeRO-2 and ZeRO-3 (sharded EMAs) with scfm on synthetic latents; one JSON row each."""
@@ -125,3 +124,7 @@ def test_train_loop_summary_and_ratios():
             {"model": "M", "zero": 3, "objective": "fm", "skipped": "budget: 3 s left"}]
     assert loop.ratios(rows) == {"M zero2 scfm/fm step time": pytest.approx(1.2)}
     assert loop.parse_batches("DiT-B/2=256,DiT-XL/2=128", ["DiT-XL/2"]) == {"DiT-XL/2": 128}
+    # the headline run first, then one change away from it (objective, stage, model), then two
+    assert loop.plan(["XL", "B"], ["fm", "scfm"], [2, 3]) == [
+        (2, "XL", "fm"), (2, "XL", "scfm"), (3, "XL", "fm"), (2, "B", "fm"),
+        (3, "XL", "scfm"), (2, "B", "scfm"), (3, "B", "fm"), (3, "B", "scfm")]
