@@ -108,6 +108,9 @@ class TrainConfig:
     precision: str = _f("auto", choices=("auto", "fp32", "bf16"))  # auto: bf16 on CUDA
     seed: int = _f(0, lo=0)
     checkpoint_every: int = _f(500, lo=0)  # 0 = only at the end
+    # false: the run ends without its last checkpoint, export and sample grids (benchmark
+    # runs, where writing a DiT-XL checkpoint would cost more than the steps measured)
+    final_checkpoint: bool = _f(True)
     keep_checkpoints: int = _f(2, lo=1)
     resume: str = _f("none")  # none | auto | path to a checkpoint folder
     log_every: int = _f(10, lo=1)

@@ -50,7 +50,8 @@ def vae_for_dataset(dataset: dict, device="cpu"):
     """The VAE that decodes a model's outputs to pixels, or None for a pixel-space dataset.
     `dataset` is read_dataset_info's dict (also in checkpoints' meta and export metadata)."""
     latent = (dataset or {}).get("latent")
-    return None if latent is None else load_vae(latent["vae"], device)
+    # synthetic latents (flowpre/data/synthetic.py) have no VAE: their grids stay latents
+    return None if latent is None or latent.get("vae") is None else load_vae(latent["vae"], device)
 
 
 def _factors(vae) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 M queries attend to N keys (M = N for self-attention, N = the text length for
 cross-attention); q is (B, H, M, D), k and v (B, H, N, D), the LSE and delta (B, H, M).
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -254,20 +255,37 @@ _TABLES = {
             "large": [(64, 32, 8, 2), (32, 32, 4, 2)],
             "huge": [(16, 16, 4, 1)]},
 }
+# Before Hopper (A100, sm_80): mma.sync keeps every accumulator in registers and a block
+# gets at most 163 KB of shared memory, and ptxas spills several of the rows above there.
+# These pools hold only rows that compile for sm_80 without spills and within that shared
+# memory at every head width of the pool (benchmarks/a100_configs.py compiles each one;
+# tests/test_a100_configs.py keeps it so). The forward keeps Hopper's first choice.
+_TABLES_SM80 = {
+    "fwd": {"small": [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3), (64, 64, 4, 2)],
+            "large": [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 8, 2)],
+            "huge": [(16, 16, 4, 1)]},
+    "bwd": {"small": [(64, 32, 4, 4), (64, 32, 4, 3), (64, 16, 4, 4)],
+            "large": [(64, 32, 8, 1), (32, 32, 8, 2)],
+            "huge": [(16, 16, 4, 1)]},
+}
 _TUNE_FROM_N = 256  # compared with the M/N buckets, kernel arguments that only key the tuning
 
 
-def _table_configs(table, outer_is_m):
-    pools = {name: [triton.Config({"BLOCK_M": a, "BLOCK_N": b} if outer_is_m else {"BLOCK_M": b, "BLOCK_N": a},
-                                  num_warps=w, num_stages=s) for a, b, w, s in rows]
-             for name, rows in table.items()}
+def _table_configs(name, outer_is_m):
+    def configs(table):
+        return {pool: [triton.Config({"BLOCK_M": a, "BLOCK_N": b} if outer_is_m else {"BLOCK_M": b, "BLOCK_N": a},
+                                     num_warps=w, num_stages=s) for a, b, w, s in rows]
+                for pool, rows in table[name].items()}
+    by_arch = {"sm90": configs(_TABLES), "sm80": configs(_TABLES_SM80)}
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        elem, width = args["Q"].element_size(), args["DL"] + args["DH"]
-        name = "small" if elem == 2 and width <= 128 else "large" if elem * width <= 512 else "huge"
-        return pools[name] if max(args["M_BUCKET"], args["N_BUCKET"]) >= _TUNE_FROM_N else pools[name][:1]
-    return [c for pool in pools.values() for c in pool], prune
+        q = args["Q"]
+        pools = by_arch["sm80" if torch.cuda.get_device_capability(q.device)[0] < 9 else "sm90"]
+        elem, width = q.element_size(), args["DL"] + args["DH"]
+        pool = "small" if elem == 2 and width <= 128 else "large" if elem * width <= 512 else "huge"
+        return pools[pool] if max(args["M_BUCKET"], args["N_BUCKET"]) >= _TUNE_FROM_N else pools[pool][:1]
+    return [c for pools in by_arch.values() for pool in pools.values() for c in pool], prune
 
 
 def _build(kernel, name, outer_is_m=True, even_n=True):
@@ -275,7 +293,7 @@ def _build(kernel, name, outer_is_m=True, even_n=True):
     heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0}) if even_n else (lambda f: f)
     if _INTERPRET:  # one fixed config: autotune would need a CPU timer and time for nothing
         return heur(kernel)
-    configs, prune = _table_configs(_TABLES[name], outer_is_m)
+    configs, prune = _table_configs(name, outer_is_m)
     return triton.autotune(configs=configs, key=["M_BUCKET", "N_BUCKET", "D"],
                            prune_configs_by={"early_config_prune": prune})(heur(kernel))
 

@@ -169,9 +169,10 @@ def flow_loss_forward(pred, target, weight, group, num_groups, total=None, group
     means = torch.empty(B, device=pred.device, dtype=acc_torch) if means is None else means
     block_g = triton.next_power_of_2(num_groups)
     block_b = max(1, min(128, 4096 // block_g))
+    # BLOCK_K <= 32: 128 samples x 64 chunks of partial sums spill registers (ptxas, sm_80 and sm_90)
     _finish_kernel[(1,)](part, weight.contiguous(), group.contiguous(), total, group_losses, means,
                          B, M, n_chunks, num_groups, BLOCK_B=block_b,
-                         BLOCK_K=min(64, triton.next_power_of_2(n_chunks)), BLOCK_G=block_g,
+                         BLOCK_K=min(32, triton.next_power_of_2(n_chunks)), BLOCK_G=block_g,
                          ACC=acc_tl, num_warps=4)
     return total, group_losses, means
 

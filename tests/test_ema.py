@@ -1,8 +1,12 @@
 """The dual fp32 EMA: math, restart, state, and correctness under ZeRO-3 on 2 ranks."""
+import os
+import subprocess
 import sys
 
+import pytest
 import torch
 
+from flowpre.train import ema as ema_module
 from flowpre.train.ema import DualEma
 
 from helpers import flowpre, launch, metrics, weights
@@ -33,6 +37,78 @@ def test_ema_math_fp32_and_restart():
     ema.update(student, step=3)  # restart: both become the student
     for net in ema.nets.values():
         torch.testing.assert_close(net.state_dict()["2.bias"], student[2].bias.float(), atol=0, rtol=0)
+
+
+def _odd_student(dtype):
+    """Parameters of several shapes and sizes, none a multiple of another."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.LayerNorm(31), torch.nn.Conv2d(31, 5, 3),
+                               torch.nn.Linear(7, 1)).to(dtype)
+
+
+def _separate_updates(fast, slow, student, decays, restart):
+    """What the two EMAs must be after one step: each updated on its own, tensor by tensor."""
+    for ref, decay in ((fast, decays[0]), (slow, decays[1])):
+        for r, p in zip(ref, student.parameters()):
+            r.copy_(p.detach().float()) if restart else r.lerp_(p.detach().float(), 1.0 - decay)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("one_call", [True, False])
+def test_both_emas_in_one_op_equal_two_separate_updates(dtype, one_call, monkeypatch):
+    """DualEma.update does both EMAs in one multi-tensor op (or, on a torch without the
+    per-tensor weights, one call per EMA): over random steps with a restart in between, it
+    equals updating each EMA on its own, bit for bit."""
+    monkeypatch.setattr(ema_module, "_LERP_PER_TENSOR_WEIGHT", one_call and ema_module._LERP_PER_TENSOR_WEIGHT)
+    student = _odd_student(dtype)
+    decays = (0.9, 0.999)
+    ema = DualEma(student, *decays, restart_every=4)
+    fast = [p.detach().float().clone() for p in student.parameters()]
+    slow = [t.clone() for t in fast]
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, 8):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn(p.shape, generator=g).to(dtype))
+        ema.update(student, step)
+        _separate_updates(fast, slow, student, decays, restart=step % 4 == 0)
+        for key, ref in (("fast", fast), ("slow", slow)):
+            for (name, got), want in zip(ema.nets[key].named_parameters(), ref):
+                assert torch.equal(got, want), f"step {step} {key} {name}"
+    assert not torch.equal(fast[0], slow[0])  # the two decays did differ
+
+
+def test_sharded_emas_in_one_op_equal_two_separate_updates(tmp_path):
+    """The same under ZeRO-3: the EMAs' local shards (ds_tensor) updated from the student's."""
+    script = """
+import os, torch
+from flowpre.train.distributed import init_distributed
+from flowpre.train.ema import DualEma
+import deepspeed
+init_distributed()
+torch.manual_seed(1)
+student = torch.nn.Sequential(torch.nn.Linear(13, 31), torch.nn.LayerNorm(31), torch.nn.Linear(31, 5))
+ema = DualEma(student, 0.9, 0.999, restart_every=3, sharded=True)
+deepspeed.zero.Init(module=student, config_dict_or_path={"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1,
+                                                         "zero_optimization": {"stage": 3}})
+shards = [p.ds_tensor for p in student.parameters()]
+fast, slow = [s.float().clone() for s in shards], [s.float().clone() for s in shards]
+g = torch.Generator().manual_seed(2)
+for step in range(1, 6):
+    for s in shards:
+        s.add_(torch.randn(s.shape, generator=g))
+    ema.update(student, step, zero3=True)
+    for ref, decay in ((fast, 0.9), (slow, 0.999)):
+        for r, s in zip(ref, shards):
+            r.copy_(s) if step % 3 == 0 else r.lerp_(s, 1.0 - decay)
+    for key, ref in (("fast", fast), ("slow", slow)):
+        for p, want in zip(ema.nets[key].parameters(), ref):
+            assert torch.equal(p.ds_tensor, want), (step, key)
+print("sharded ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "sharded ok" in done.stdout, done.stderr[-3000:]
 
 
 def test_ema_state_roundtrip():

@@ -32,6 +32,7 @@ from PIL import Image
 
 from flowpre.vae import LATENT_KEY, encode_uint8, latent_bytes, latent_meta, load_vae
 
+from . import synthetic
 from .sources import Source, open_source
 
 DATASET_JSON = "dataset.json"
@@ -154,7 +155,9 @@ def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "tra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
-                        help="fashion-mnist | digits | folder:PATH (class subfolders)")
+                        help="fashion-mnist | digits | twemoji | folder:PATH (class subfolders) | "
+                             "synthetic-latents (random ImageNet-shaped 4x32x32 latents, 1000 classes; "
+                             "--limit N of them, default 10000: loop benchmarks)")
     parser.add_argument("--out", required=True, help="output directory for the shards and dataset.json")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
     parser.add_argument("--split", default="train", choices=["train", "test", "all"])
@@ -168,8 +171,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
-                             image_size=args.image_size, limit=args.limit, vae=getattr(args, "vae", None))
+        if args.source == synthetic.SOURCE:
+            if args.split != "train" or args.image_size or getattr(args, "vae", None):
+                raise ValueError(f"--source {synthetic.SOURCE} writes a train split of latents: "
+                                 "--split, --image-size and --vae do not apply")
+            paths = synthetic.write_synthetic_latents(args.out, count=args.limit or synthetic.DEFAULT_COUNT,
+                                                      shard_size=args.shard_size)
+        else:
+            paths = write_shards(args.source, args.out, shard_size=args.shard_size, split=args.split,
+                                 image_size=args.image_size, limit=args.limit, vae=getattr(args, "vae", None))
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad spec, sizes, VAE: usage errors
         raise SystemExit(f"flowpre shards: error: {e}") from None
     meta = json.loads((Path(args.out) / DATASET_JSON).read_text())

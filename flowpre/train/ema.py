@@ -24,6 +24,9 @@ import copy
 
 import torch
 
+# _foreach_lerp_ with one weight per tensor (both EMAs in one call); older torch lacks it
+_LERP_PER_TENSOR_WEIGHT = hasattr(torch.ops.aten._foreach_lerp_, "ScalarList")
+
 
 def _chunks(module):
     """Modules whose parameters are gathered together: each element of a ModuleList or
@@ -99,19 +102,30 @@ class DualEma:
 
     @torch.no_grad()
     def update(self, student, step, zero3=False):
-        """Call after optimizer step `step` (1-based) with the engine's module."""
+        """Call after optimizer step `step` (1-based) with the engine's module.
+
+        Both EMAs in one multi-tensor op over the student's parameters (or, under ZeRO-3,
+        the local shards of both): one fp32 view of the student feeds the two lerps, and
+        one set of foreach launches does the work two did before."""
         if zero3 != self.sharded:
             raise RuntimeError(f"DualEma(sharded={self.sharded}) updated with zero3={zero3}")
         restart = self.restart_every > 0 and step % self.restart_every == 0
         src = [self._storage(p).float() for p in student.parameters()]
-        for key, decay in self.decays.items():
-            dst = [self._storage(p) for p in self.nets[key].parameters()]
-            if len(dst) != len(src) or any(d.shape != s.shape for d, s in zip(dst, src)):
+        dst = []
+        for net in self.nets.values():
+            mine = [self._storage(p) for p in net.parameters()]
+            if len(mine) != len(src) or any(d.shape != s.shape for d, s in zip(mine, src)):
                 raise RuntimeError("EMA and student parameters are partitioned differently")
-            if restart:
-                torch._foreach_copy_(dst, src)
-            else:
-                torch._foreach_lerp_(dst, src, 1.0 - decay)
+            dst += mine
+        sources = src * len(self.nets)
+        if restart:
+            torch._foreach_copy_(dst, sources)
+        elif _LERP_PER_TENSOR_WEIGHT:
+            weights = [1.0 - decay for decay in self.decays.values() for _ in src]
+            torch._foreach_lerp_(dst, sources, weights)
+        else:  # torch before the ScalarList overload: one call per EMA
+            for i, decay in enumerate(self.decays.values()):
+                torch._foreach_lerp_(dst[i * len(src):(i + 1) * len(src)], src, 1.0 - decay)
 
     def state_dict(self):
         """Full fp32 tensors; under ZeRO-3 a collective call, and only rank 0 gets them ({} elsewhere)."""

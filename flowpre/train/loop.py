@@ -282,13 +282,21 @@ def train(cfg):
     elapsed = time.perf_counter() - t_start
     preemption.restore()  # from here on a signal ends the process as usual
     saved = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-    last = checkpoints_root(run_dir) / f"step{step:09d}" if saved else save(step)
     preempted = stop and step < cfg.train.max_steps  # a signal during the last step: just finish
+    if saved:
+        last = checkpoints_root(run_dir) / f"step{step:09d}"
+    else:
+        last = save(step) if cfg.train.final_checkpoint or preempted else None
     if preempted and dist.is_main:
         print(f"\npreempted at step {step} of {cfg.train.max_steps} (signal received"
               f"{': ' + preemption.signal if preemption.signal else ' by another rank'}); checkpoint: {last}\n"
               f"  continue with the same command and train.resume=auto", flush=True)
-    if not preempted:
+    if not preempted and last is None:  # train.final_checkpoint=false
+        if dist.is_main:
+            trained = (step - start_step) * cfg.train.batch_size
+            print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session; no final "
+                  f"checkpoint (train.final_checkpoint=false)\n  metrics: {run_dir / 'metrics.jsonl'}", flush=True)
+    elif not preempted:
         weights = run_dir / "model.safetensors"
         if samplers:
             grids = sample_grids(ema.slow, cfg, run_dir, step, device, columns, vae, text, write=dist.is_main)
