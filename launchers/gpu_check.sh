@@ -6,8 +6,8 @@
 # backward tiling sweep at DiT-XL width, and a bare DiT step (Triton vs torch kernels).
 #   bash launchers/gpu_wheels.sh               # here, once: deepspeed & co. into .whl/
 #   bash launchers/gpu_check.sh [OUT_DIR]      # there, with .whl carried along
-# Budget (seconds, each stage capped by `timeout`): TEST_S 110 + LOOP_S 190 + BENCH_S 90 +
-# SWEEP_S 25 + TRAIN_S 30 = 445, plus ~15 s for the wheel install and start-up: 460 s
+# Budget (seconds, each stage capped by `timeout`): TEST_S 110 + LOOP_S 170 + BENCH_S 90 +
+# SWEEP_S 25 + TRAIN_S 30 + JVP_S 25 = 450, plus ~15 s for the wheel install and start-up: 465 s
 # worst case, under 8 minutes (device call: timeout_s=500). A stage cut off by its cap
 # still leaves what it measured: each writes its JSON as it goes. The loop stage starts
 # with DiT-XL/2 fm at ZeRO-2 (the MFU goal), then scfm (the step-time ratio), then ZeRO-3,
@@ -18,7 +18,7 @@
 # The loop stage needs deepspeed and webdataset: the GPU machine has no package index, so
 # when .whl/ exists its wheels are installed (--no-index --no-deps) into /tmp/site first.
 # Results: OUT_DIR/{gpu_tests.log,train_loop.json,train_loop_*.log,kernels.json,
-# adaln_sweep.json,train_throughput.json}; commit them under benchmarks/results/ with the
+# adaln_sweep.json,train_throughput.json,attention_jvp.json}; commit them under benchmarks/results/ with the
 # device named.
 # shellcheck disable=SC2086  # TESTS and the *_FLAGS / *_MODELS variables are word lists on purpose
 set -uo pipefail
@@ -50,22 +50,25 @@ LOOP_READY=1
 python3 -c "import deepspeed, webdataset, pydantic; print('deepspeed', deepspeed.__version__, 'webdataset', \
 webdataset.__version__, 'pydantic', pydantic.VERSION)" 2>&1 | grep -v "^\[" || LOOP_READY=0
 
-echo "== 1/5 kernel correctness on CUDA =="
+echo "== 1/6 kernel correctness on CUDA =="
 timeout "${TEST_S:-110}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/test_kernel_attention.py \
-    tests/test_kernel_adaln.py tests/test_kernel_loss.py tests/test_dit_kernels.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-echo "== 2/5 the training loop: flowpre train, DeepSpeed, bf16, ZeRO-2/3, synthetic ImageNet latents =="
+    tests/test_kernel_adaln.py tests/test_kernel_loss.py tests/test_dit_kernels.py tests/test_forward_mode.py \
+    tests/test_kernel_attention_jvp.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+echo "== 2/6 the training loop: flowpre train, DeepSpeed, bf16, ZeRO-2/3, synthetic ImageNet latents =="
 if [ "$LOOP_READY" = 1 ]; then
     # --budget leaves the script time to stop its last run and write; timeout is the backstop
-    timeout "${LOOP_S:-190}" python3 benchmarks/train_loop.py --out "$OUT/train_loop.json" \
-        --budget $(( ${LOOP_S:-190} - 8 )) ${LOOP_FLAGS:-} 2>&1 | grep -v "^\[.*real_accelerator" | tee "$OUT/train_loop.log"
+    timeout "${LOOP_S:-170}" python3 benchmarks/train_loop.py --out "$OUT/train_loop.json" \
+        --budget $(( ${LOOP_S:-170} - 8 )) ${LOOP_FLAGS:-} 2>&1 | grep -v "^\[.*real_accelerator" | tee "$OUT/train_loop.log"
 else
     echo "skipped: deepspeed, webdataset or pydantic does not import (run launchers/gpu_wheels.sh here and carry .whl)"
 fi
-echo "== 3/5 kernel benchmarks =="
+echo "== 3/6 kernel benchmarks =="
 timeout "${BENCH_S:-90}" python3 -m kernels.bench --out "$OUT/kernels.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT/bench.log"
-echo "== 4/5 adaLN backward tiling sweep =="
+echo "== 4/6 adaLN backward tiling sweep =="
 timeout "${SWEEP_S:-25}" python3 benchmarks/adaln_sweep.py --out "$OUT/adaln_sweep.json" \
     ${SWEEP_FLAGS:---widths 1152 --kinds gated --no-compiled} 2>&1 | tee "$OUT/adaln_sweep.log"
-echo "== 5/5 bare DiT step (no DeepSpeed, EMA or data) =="
+echo "== 5/6 bare DiT step (no DeepSpeed, EMA or data) =="
 timeout "${TRAIN_S:-30}" python3 benchmarks/train_throughput.py --models ${THROUGHPUT_MODELS:-DiT-XL/2} \
     --batch 64 --out "$OUT/train_throughput.json"
+echo "== 6/6 forward-mode attention: the fused JVP kernel against torch.func.jvp on the math path =="
+timeout "${JVP_S:-25}" python3 benchmarks/attention_jvp.py --quick --out "$OUT/attention_jvp.json" 2>&1 | tee "$OUT/attention_jvp.log"
