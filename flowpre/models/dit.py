@@ -9,7 +9,8 @@ so a new two-time model computes what the one-time model computes) and is added 
 conditioning vector; sigma_end = sigma asks for the instantaneous velocity.
 The condition is a class id, or for text models (text_dim > 0) the frozen text
 encoder's output [pooled; tokens] (flowpre/text.py): the pooled vector joins the adaLN
-conditioning, the token states are attended to by a cross-attention in every block.
+conditioning, the token states are attended to by a cross-attention in every block, all
+but the all-zero rows, which are padding.
 
 Every LayerNorm + modulate, residual gate and attention call goes through
 flowpre.kernels so that one switch (`kernels`: auto | triton | torch) picks the fused
@@ -100,19 +101,40 @@ class Attention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
+# Logit given to a padding key: exp(-1000) is 0 in every float format, and -1000 * sqrt(D)
+# (the channel value before the kernel's 1/sqrt(D) scale) still fits in fp16.
+PADDING_LOGIT = -1000.0
+
+
+def padding_key_bias(keep):
+    """(B, L) bool, True for text tokens to attend to -> (B, 1, L, 1) logits: 0 or PADDING_LOGIT."""
+    return torch.where(keep, 0.0, PADDING_LOGIT)[:, None, :, None]
+
+
 class CrossAttention(nn.Module):
     """Image tokens (B, N, C) attend to the text context (B, L, C), through the same
-    attention kernel as self-attention (it takes M queries against N keys)."""
+    attention kernel as self-attention (it takes M queries against N keys).
+
+    The fused kernel takes no mask, so padding is masked with one extra head channel:
+    every query gets a 1 there and every key its bias (0 to keep, PADDING_LOGIT * sqrt(D) to
+    drop), so q.k gains exactly the bias and a padding key's softmax weight is 0; values get
+    a 0 there, and the channel is cut from the output. The scale stays 1/sqrt(D). The result
+    equals masked attention on every backend (Triton, SDPA), gradients included, for one
+    channel more (D + 1 is split 64 + 16 in the kernel, not padded to 128)."""
 
     def __init__(self, hidden, heads):
         super().__init__()
         self.heads = heads
         self.q, self.kv, self.proj = nn.Linear(hidden, hidden), nn.Linear(hidden, 2 * hidden), nn.Linear(hidden, hidden)
 
-    def forward(self, x, context, backend):
+    def forward(self, x, context, key_bias, backend):  # key_bias (B, 1, L, 1) from padding_key_bias
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b l (two h d) -> two b h l d", two=2, h=self.heads)
-        out = K.attention(q, k, v, backend=backend)  # (B, H, N, D)
+        D = q.shape[-1]
+        q = torch.cat([q, q.new_ones(*q.shape[:3], 1)], dim=-1)
+        k = torch.cat([k, (key_bias * math.sqrt(D)).to(k.dtype).expand(*k.shape[:3], 1)], dim=-1)
+        v = torch.cat([v, v.new_zeros(*v.shape[:3], 1)], dim=-1)
+        out = K.attention(q, k, v, scale=1.0 / math.sqrt(D), backend=backend)[..., :D]  # (B, H, N, D)
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
@@ -141,9 +163,9 @@ class DiTBlock(nn.Module):
         self.cross = CrossAttention(hidden, heads) if cross_attention else None
         self.cross_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6) if cross_attention else None
 
-    def forward(self, x, c, backend, context=None):  # x (B, N, C), c (B, C), context (B, L, C)
+    def forward(self, x, c, backend, context=None, key_bias=None):  # x (B, N, C), c (B, C), context (B, L, C)
         if self.cross is not None:
-            x = x + self.cross(self.cross_norm(x), context, backend)
+            x = x + self.cross(self.cross_norm(x), context, key_bias, backend)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=1)  # each (B, C)
         h = K.adaln_modulate(x, shift1, scale1, backend=backend)
         # residual of the attention branch fused with the MLP branch's LayerNorm + modulate
@@ -244,10 +266,12 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects inputs (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(x.shape)}")
         h = rearrange(self.patch_embed(x), "b c gh gw -> b (gh gw) c") + self.pos_embed.to(x.dtype)  # (B, N, hidden)
-        context = None
+        context = key_bias = None
         if self.text_dim:
             if cond.shape[1:] != (self.text_tokens, self.text_dim):
                 raise ValueError(f"text DiT expects cond (B, {self.text_tokens}, {self.text_dim}), got {tuple(cond.shape)}")
+            # an all-zero token row is padding (flowpre/text.py zeroes BERT's): left out of cross-attention
+            key_bias = padding_key_bias(cond[:, 1:].ne(0).any(-1))
             pooled, context = self.y_embed(cond.to(h.dtype))  # (B, hidden), (B, L, hidden)
             c = self.t_embed(sigma) + pooled
         else:
@@ -262,9 +286,9 @@ class DiT(nn.Module):
             c = c + self.jump_embed(sigma - sigma_end)
         for block in self.blocks:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, self.kernels, context, use_reentrant=False)
+                h = checkpoint(block, h, c, self.kernels, context, key_bias, use_reentrant=False)
             else:
-                h = block(h, c, self.kernels, context)
+                h = block(h, c, self.kernels, context, key_bias)
         return self.unpatchify(self.final(h, c, self.kernels))
 
     def forward_flops(self):

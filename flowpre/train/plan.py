@@ -51,9 +51,10 @@ def make_plan(cfg, world_size):
     text_dim = 0
     if m.text_encoder:  # the cross-attention's size comes from the encoder's config; no weights loaded
         import json
-        from pathlib import Path
 
-        enc = json.loads((Path(m.text_encoder) / "config.json").read_text())
+        from flowpre.text import resolve_text_encoder
+
+        enc = json.loads((resolve_text_encoder(m.text_encoder) / "config.json").read_text())
         text_dim = enc.get("hidden_size") or enc.get("d_model") or enc.get("text_config", {}).get("hidden_size", 0)
     with torch.device("meta"):
         model = build_dit(m.name, m.in_channels, m.image_size, m.num_classes, text_dim=text_dim,
