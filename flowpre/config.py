@@ -49,6 +49,9 @@ class ModelConfig:
     # or pkg:NAME for the model folder an installed package ships (flowpre text-encoders lists them)
     text_encoder: str = _f("")
     text_max_length: int = _f(77, lo=1)
+    # keep the encodings of this many captions (0 = encode every batch): for datasets whose
+    # captions repeat every epoch; each takes (1 + text_max_length) x encoder width x 4 bytes
+    text_cache: int = _f(0, lo=0)
     # 2 = the DiT also takes the jump's end sigma_end (METHOD.md section 8); needed by meanflow(_fd)
     time_inputs: int = _f(1, choices=(1, 2))
 

@@ -176,9 +176,15 @@ def _describe_folder(folder, spec, where):
 
 
 class TextEncoder:
-    """captions (list of str) -> (B, 1 + max_length, dim) float32 on `device`, without grad."""
+    """captions (list of str) -> (B, 1 + max_length, dim) float32 on `device`, without grad.
 
-    def __init__(self, spec, max_length=77, device="cpu"):
+    cache_size > 0 keeps the encodings of that many captions (the most recently used):
+    a dataset of a few thousand captions (Twemoji) then runs the encoder in its first epoch
+    only. A caption's encoding does not depend on the rest of its batch (padding is to
+    max_length and masked inside the encoder; tested), so a cached one is what a fresh
+    encode would give and training stays bitwise resumable."""
+
+    def __init__(self, spec, max_length=77, device="cpu", cache_size=0):
         from transformers import AutoConfig, BertModel, CLIPTextModel, T5EncoderModel
         from transformers.utils import logging as hf_logging
 
@@ -212,12 +218,26 @@ class TextEncoder:
         self.tokenizer = load_tokenizer(path, self.kind)
         self.dim = net.config.hidden_size
         self.tokens = 1 + max_length  # pooled + token states
+        self.cache_size, self.cache = cache_size, {}
         self.null = self([""])[0]  # (1 + L, dim): the CFG null condition
 
-    @torch.no_grad()
     def __call__(self, captions):
         if isinstance(captions, str):
             raise TypeError("TextEncoder takes a list of captions, not one string")
+        if not self.cache_size:
+            return self.encode(captions)
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, (row.clone() for row in self.encode(missing))))  # not views of the batch
+        out = torch.stack([self.cache[c] for c in captions])
+        for c in dict.fromkeys(captions):  # most recently used last
+            self.cache[c] = self.cache.pop(c)
+        for old in list(self.cache)[:max(0, len(self.cache) - self.cache_size)]:
+            del self.cache[old]
+        return out
+
+    @torch.no_grad()
+    def encode(self, captions):
         batch = self.tokenizer(list(captions), padding="max_length", max_length=self.max_length,
                                truncation=True, return_tensors="pt").to(self.device)
         with torch.autocast(self.device.type, enabled=False):  # fp32 whatever the training precision

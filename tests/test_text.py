@@ -122,6 +122,21 @@ def test_text_encoder_bad_input(tmp_path, tiny_clip):
         TextEncoder(tiny_clip, max_length=100)
 
 
+def test_text_encoder_cache(tiny_bert):
+    """Cached encodings equal fresh ones whatever batch they were first seen in; the cache keeps
+    at most cache_size captions, dropping the oldest."""
+    from flowpre.text import TextEncoder
+
+    fresh = TextEncoder(tiny_bert, max_length=MAX_LEN)
+    cached = TextEncoder(tiny_bert, max_length=MAX_LEN, cache_size=3)
+    batches = [["red heart", "dog face", "red heart"], ["a woman scientist", "dog face"], ["grinning face", "red heart"]]
+    for captions in batches:
+        assert torch.equal(cached(captions), fresh(captions))
+        assert len(cached.cache) <= 3
+    assert list(cached.cache) == ["dog face", "grinning face", "red heart"]  # least recently used dropped
+    assert torch.equal(cached([""])[0], fresh.null)
+
+
 def test_text_encoder_from_installed_package(tmp_path, monkeypatch, tiny_bert):
     """pkg:NAME finds the model folder inside an installed package; flowpre text-encoders lists it."""
     import shutil

@@ -109,7 +109,7 @@ def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "tra
                  vae_batch: int = 64) -> list[str]:
     """Write `source` ("fashion-mnist", "digits", "folder:PATH") as shards in `out_dir`.
 
-    split: "train", "test" or "all" (every split the source has). limit: at most that many
+    split: "train", "test", "heldout" or "all" (every split the source has). limit: at most that many
     samples per split. vae: folder of a diffusers AutoencoderKL; adds latent.npy to each
     sample (encoded vae_batch images at a time, on the GPU when there is one). Returns the
     paths of the shards written, in order.
@@ -155,14 +155,15 @@ def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "tra
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True,
-                        help="fashion-mnist | digits | twemoji | folder:PATH (class subfolders) | "
+                        help="fashion-mnist | digits | twemoji | twemoji-subgroups | folder:PATH (class subfolders) | "
                              "synthetic-latents (random ImageNet-shaped 4x32x32 latents, 1000 classes; "
                              "--limit N of them, default 10000: loop benchmarks)")
     parser.add_argument("--out", required=True, help="output directory for the shards and dataset.json")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per shard (default 5000)")
-    parser.add_argument("--split", default="train", choices=["train", "test", "all"])
+    parser.add_argument("--split", default="train", choices=["train", "test", "heldout", "all"],
+                        help="a split of the source (twemoji-subgroups has train and heldout), or all of them")
     parser.add_argument("--image-size", type=int, default=None,
-                        help="folder sources: resize the shorter side to S and center-crop SxS")
+                        help="folder sources: resize the shorter side to S and center-crop SxS; twemoji: SxS")
     parser.add_argument("--limit", type=int, default=None, help="at most N samples per split")
     parser.add_argument("--vae", default=None, metavar="PATH",
                         help="local diffusers AutoencoderKL folder: also store each image's latent "

@@ -22,6 +22,9 @@ A source is opened from a spec string and yields, per split, tuples
   sequences, private-use glyphs) are skipped and counted in ``unnamed``. Order: sorted
   file names; split by position among the named files: every 10th (index % 10 == 9)
   is test, the rest train. Optional ``image_size``: LANCZOS resize to a square.
+- ``twemoji-subgroups``: Twemoji for text-to-image experiments (twemoji_subgroups.py):
+  no skin-tone variants, each emoji's Unicode subgroup as its class, and splits ``train``
+  and ``heldout`` (whole emoji and colour/shape recombinations kept out of training).
 """
 from __future__ import annotations
 
@@ -86,17 +89,22 @@ class Source:
 
 
 def open_source(spec: str, image_size: int | None = None) -> Source:
-    """Open a source from its CLI spec: fashion-mnist | digits | twemoji | folder:PATH."""
+    """Open a source from its CLI spec: fashion-mnist | digits | twemoji | twemoji-subgroups | folder:PATH."""
     if spec.startswith("folder:"):
         return FolderSource(spec[len("folder:"):], image_size)
     if spec == "twemoji":
         return TwemojiSource(image_size)
+    if spec == "twemoji-subgroups":
+        from .twemoji_subgroups import TwemojiSubgroupsSource  # it builds on TwemojiSource below
+
+        return TwemojiSubgroupsSource(image_size)
     if spec in ("fashion-mnist", "digits"):
         cls = FashionMNISTSource if spec == "fashion-mnist" else DigitsSource
         if image_size is not None:
             raise ValueError(f"--image-size applies to folder and twemoji sources only, not {spec!r}")
         return cls()
-    raise ValueError(f"unknown source {spec!r}: expected fashion-mnist, digits, twemoji or folder:PATH")
+    raise ValueError(f"unknown source {spec!r}: expected fashion-mnist, digits, twemoji, twemoji-subgroups "
+                     f"or folder:PATH")
 
 
 # ----------------------------------------------------------------------------- fashion-mnist
@@ -326,16 +334,22 @@ class TwemojiSource(Source):
         for i, (f, caption) in enumerate(self.files):
             if self.split_of(i) != split:
                 continue
-            try:
-                with Image.open(f) as img:
-                    rgba = img.convert("RGBA")
-            except (OSError, ValueError) as e:
-                self.skipped += 1
-                log.warning("twemoji source: skipping unreadable image %s (%s)", f, e)
-                continue
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            if rgb.size != (self.info.width, self.info.height):
-                rgb = rgb.resize((self.info.width, self.info.height), Image.Resampling.LANCZOS)
-            yield np.asarray(rgb, dtype=np.uint8), 0, {"caption": caption, "file": f.name,
-                                                       "source_index": i}
+            image = self.read_image(f)
+            if image is not None:
+                yield image, 0, {"caption": caption, "file": f.name, "source_index": i}
+
+    def read_image(self, f: Path) -> np.ndarray | None:
+        """The PNG with its alpha composited onto white, at the source's size; None (counted in
+        `skipped`) when it cannot be read."""
+        try:
+            with Image.open(f) as img:
+                rgba = img.convert("RGBA")
+        except (OSError, ValueError) as e:
+            self.skipped += 1
+            log.warning("twemoji source: skipping unreadable image %s (%s)", f, e)
+            return None
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        rgb = Image.alpha_composite(white, rgba).convert("RGB")
+        if rgb.size != (self.info.width, self.info.height):
+            rgb = rgb.resize((self.info.width, self.info.height), Image.Resampling.LANCZOS)
+        return np.asarray(rgb, dtype=np.uint8)

