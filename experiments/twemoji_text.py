@@ -200,7 +200,7 @@ def evaluate(weights, classifier_path, scale, args, log):
     at4 = {cfg: results["train"]["cells"][f"{max(scale['cfg_steps'])}@{cfg:g}"]["adherence"]
            for cfg in scale["cfg_scales"]}
     best = max(at4, key=lambda c: (at4[c], -c))  # ties: the smaller scale
-    log(f"CFG scale for the step table: {best:g} (best training-caption adherence at {max(scale['cfg_steps'])} steps)")
+    log(f"CFG scale for the step table: {best:g} (best training-caption adherence at {max(scale['cfg_steps'])} step(s))")
     for steps in STEPS:
         for name in sets:
             cell(name, steps, best)
@@ -213,7 +213,8 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="shards folder (default data/twemoji-subgroups; smoke: under --runs)")
     p.add_argument("--runs", default=None, help="run folders (default runs/twemoji_text_experiment)")
     p.add_argument("--run", default=None, help="a trained run folder to reuse (skips training)")
-    p.add_argument("--out", default=str(ROOT / "docs" / "results"), help="where twemoji_text.{json,md,png} go")
+    p.add_argument("--out", default=None, help="where twemoji_text.{json,md,png} go (default docs/results; "
+                   "smoke: runs/twemoji_text_smoke)")
     p.add_argument("--name", default="twemoji_text")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -221,6 +222,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     torch.set_num_threads(threads())
     scale = SCALES["smoke" if args.smoke else "full"]
+    args.out = args.out or str(ROOT / ("runs/twemoji_text_smoke" if args.smoke else "docs/results"))
     runs = Path(args.runs or (Path(args.out) / "runs" if args.smoke else ROOT / "runs" / "twemoji_text_experiment"))
     data = Path(args.data or (runs / "data" if args.smoke else ROOT / "data" / "twemoji-subgroups"))
     run_dir = Path(args.run) if args.run else runs / "model"

@@ -173,6 +173,10 @@ class AdherenceMetric:
                      "classifier_train_files_sha256": meta.get("train_files_sha256"), "captions": len(captions.captions),
                      "ceiling": top["adherence"], "ceiling_group": top["adherence_group"],
                      "chance": top["chance"], "commonest_class_share": top["commonest_class_share"]}
+        self.note = (f"{len(captions.captions)} captions of {captions.name}; ceiling (their real images through the "
+                     f"classifier) {top['adherence']:.4f}, group {top['adherence_group']:.4f}; chance "
+                     f"{top['chance']:.4f} (1/{len(captions.class_names)} classes); floor: the same images scored "
+                     f"against shuffled captions")
 
     def start(self):
         self.pred, self.index = [], []

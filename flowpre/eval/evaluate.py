@@ -379,6 +379,9 @@ def run(args, log=print):
            "torch": torch.__version__}
     log(f"\n{args.metric} of {args.weights} ({args.num_samples} samples per step count, seed {args.seed}, "
         f"cfg {args.cfg}, shift {args.shift}, {device}):\n" + format_table(results, columns))
+    for metric in metrics:
+        if getattr(metric, "note", None):
+            log(metric.note)
     if args.out:
         path = Path(args.out)
         path.parent.mkdir(parents=True, exist_ok=True)
