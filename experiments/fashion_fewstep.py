@@ -95,7 +95,9 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
     """Train (train.seed = seed) and evaluate (noise seed --seed + seed) one run; seed 0 keeps the plain name."""
     run_dir = Path(args.runs) / (name if seed == 0 else f"{name}_s{seed}")
     config = ROOT / "configs" / "experiments" / f"fashion_{objective}.yaml"
-    overrides = [f"run.dir={run_dir}", f"data.shards={args.data}/train-*.tar", *scale["overrides"], *overrides]
+    # train.resume=auto: a run cut off (a killed experiment, a lost session) goes on from its last checkpoint
+    overrides = [f"run.dir={run_dir}", f"data.shards={args.data}/train-*.tar", "train.resume=auto",
+                 *scale["overrides"], *overrides]
     overrides += [f"train.seed={seed}"] if seed else []
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
