@@ -57,19 +57,26 @@ class FashionCNN(nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
-def load_classifier(path=WEIGHTS, device="cpu"):
-    """(FashionCNN in eval mode, metadata dict) from a safetensors file."""
+def read_classifier_file(path, trainer):
+    """(state dict, metadata dict) of a shipped classifier; a missing file names the module
+    (`trainer`, e.g. flowpre.eval.train_classifier) that writes it."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"classifier weights {path} not found; train them with "
-                                f"python -m flowpre.eval.train_classifier --out {path}")
+                                f"python -m {trainer} --out {path}")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+        meta = dict(f.metadata() or {})
+    return load_file(str(path)), meta
+
+
+def load_classifier(path=WEIGHTS, device="cpu"):
+    """(FashionCNN in eval mode, metadata dict) from a safetensors file."""
+    state, meta = read_classifier_file(path, "flowpre.eval.train_classifier")
     net = FashionCNN(**json.loads(meta.get("config", "{}")))
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(state)
     return net.to(device).eval(), meta
 
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from flowpre.eval.classifier import batched, read_classifier_file
+
 WEIGHTS = Path(__file__).parent / "weights" / "emoji_subgroups_cnn.safetensors"
 IMAGE_SIZE = 32
 
@@ -63,20 +65,12 @@ def to_classifier_size(x):
 
 def load_emoji_classifier(path=WEIGHTS, device="cpu"):
     """(EmojiCNN in eval mode, metadata with `class_names` as a list)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"emoji classifier weights {path} not found; train them with "
-                                f"python -m flowpre.eval.train_emoji_classifier --out {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    state, meta = read_classifier_file(path, "flowpre.eval.train_emoji_classifier")
     if "class_names" not in meta:
         raise ValueError(f"{path} is not an emoji subgroup classifier (no class_names in its metadata)")
     meta["class_names"] = json.loads(meta["class_names"])
     net = EmojiCNN(**json.loads(meta["config"]))
-    net.load_state_dict(load_file(str(path)))
+    net.load_state_dict(state)
     return net.to(device).eval(), meta
 
 
@@ -89,5 +83,4 @@ def group_of(class_name):
 def predict(net, images, batch_size=500):
     """(N, 3, H, W) in [-1, 1] -> (N,) predicted class ids (on the CPU)."""
     device = next(net.parameters()).device
-    out = [net(images[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return batched(lambda x: net(x).argmax(1), images, batch_size, device).long()
