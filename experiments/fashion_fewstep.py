@@ -19,7 +19,8 @@ Writes <out>/<name>.{json,md,png}.
 Each stage leaves a file in the run folder and is skipped when that file exists, so an
 interrupted experiment continues where it stopped (--fresh starts over). A variant is an
 extra run, `NAME=OBJECTIVE:key=value,key=value` (config overrides on that objective's
-file), reported beside the others. METHOD.md section 6's goals are checked for every SCFM
+file), reported beside the others; an --ablation is the same at the first seed only (the
+page gives each row's seed count). METHOD.md section 6's goals are checked for every SCFM
 group and issue 12's flow-map goals for every JVP-free group (scfm, meanflow_fd), against
 the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM).
 """
@@ -61,12 +62,24 @@ def flowpre(*args, log):
     return time.time() - t0
 
 
-def parse_variant(text):
+def parse_variant(text, flag="--variant"):
+    """NAME=OBJECTIVE:key=value[,key=value] -> (name, objective, overrides, every_seed)."""
     name, _, rest = text.partition("=")
     objective, _, overrides = rest.partition(":")
     if not name or objective not in OBJECTIVES or not overrides:
-        raise argparse.ArgumentTypeError(f"--variant expects NAME=OBJECTIVE:key=value[,key=value], got {text!r}")
-    return name, objective, overrides.split(",")
+        raise argparse.ArgumentTypeError(f"{flag} expects NAME=OBJECTIVE:key=value[,key=value], got {text!r}")
+    return name, objective, overrides.split(","), flag == "--variant"
+
+
+def parse_ablation(text):
+    return parse_variant(text, "--ablation")
+
+
+def schedule(jobs, seeds):
+    """(seed, name, objective, overrides) in seed-major order, so that a cut-off invocation holds
+    whole comparisons for its first seeds; an ablation runs at the first seed only."""
+    return [(seed, name, objective, overrides) for seed in seeds
+            for name, objective, overrides, every_seed in jobs if every_seed or seed == seeds[0]]
 
 
 def train_flops(run_dir, cfg_overrides, config):
@@ -147,7 +160,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     p.add_argument("--objectives", default="fm,scfm,shortcut", help=f"any of {','.join(OBJECTIVES)}")
-    p.add_argument("--variant", type=parse_variant, action="append", default=[])
+    p.add_argument("--variant", type=parse_variant, action="append", dest="jobs", default=[],
+                   help="NAME=OBJECTIVE:key=value[,...]: a named run with config overrides, at every seed")
+    p.add_argument("--ablation", type=parse_ablation, action="append", dest="jobs",
+                   help="like --variant, at the first of --seeds only (a one-seed probe; its table cells carry no spread)")
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--fid-steps", default="1,4,128")
     p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
@@ -170,13 +186,12 @@ def main(argv=None):
     if not (Path(args.data) / "dataset.json").exists():
         flowpre("shards", "--source", "fashion-mnist", "--out", args.data, log=log)
     scale = SCALES[args.scale]
-    jobs = [(o, o, []) for o in args.objectives.split(",") if o] + args.variant
+    jobs = [(o, o, [], True) for o in args.objectives.split(",") if o] + args.jobs
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     began, runs = time.time(), []
-    for seed in seeds:  # seed-major: a cut-off invocation has whole comparisons for the first seeds
-        for name, objective, overrides in jobs:
-            runs.append(run_one(name, objective, overrides, args, scale, log, seed))
-            log(f"{runs[-1]['name']}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
+    for seed, name, objective, overrides in schedule(jobs, seeds):
+        runs.append(run_one(name, objective, overrides, args, scale, log, seed))
+        log(f"{runs[-1]['name']}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
     groups = aggregate(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {"command": "python experiments/fashion_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:]),

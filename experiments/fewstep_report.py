@@ -120,10 +120,10 @@ def write_markdown(path, summary):
              f"commit {summary['commit']}). Lower FD/FID is better. Training seeds: {', '.join(map(str, seeds))}"
              f"{spread}.", "",
              f"## FD (classifier features, {summary['split']} split, {runs0['eval']['num_samples']} samples per cell)",
-             "", "| objective | " + " | ".join(f"{s}" for s in steps) + " | 1-step / FM best | 2-step / FM best |",
-             "|---|" + "---:|" * (len(steps) + 2)]
+             "", "| objective | seeds | " + " | ".join(f"{s}" for s in steps) + " | 1-step / FM best | 2-step / FM best |",
+             "|---|---:|" + "---:|" * (len(steps) + 2)]
     for g in groups:
-        lines.append(f"| {g['name']} | " + " | ".join(cell(g["fd"].get(s)) for s in steps) + " | "
+        lines.append(f"| {g['name']} | {len(g['seeds'])} | " + " | ".join(cell(g["fd"].get(s)) for s in steps) + " | "
                      + " | ".join(cell(g["yardstick"].get(k), 2) for k in YARDSTICK_STEPS) + " |")
     lines += ["", "The last two columns are METHOD.md section 8's yardstick: FD at 1 (2) steps over the lowest FD "
                   "flow matching reaches at any step count, per seed, at the same number of trained images."]

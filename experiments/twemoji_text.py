@@ -132,7 +132,8 @@ def train_model(run_dir, data, scale, args, log):
     if weights.exists():
         log(f"train: reusing {weights}")
         return json.loads(record.read_text()) if record.exists() else {"wall_s": None, "overrides": None}
-    overrides = [f"run.dir={run_dir}", f"data.shards={data}/train-*.tar", *scale["overrides"]]
+    # train.resume=auto: a cut-off run (a killed experiment, a lost session) goes on from its last checkpoint
+    overrides = [f"run.dir={run_dir}", f"data.shards={data}/train-*.tar", "train.resume=auto", *scale["overrides"]]
     if args.smoke:
         from flowpre.eval.adherence import load_caption_set
 

@@ -35,7 +35,7 @@ def test_experiment_script_smoke(tmp_path):
     assert run["train"]["train_pflops"] > 0 and run["train"]["objective_overhead"] == 0
     assert all(g["met"] is None for g in summary["goals"])  # scfm/shortcut not run: not judged
     md = (tmp_path / "out" / "fashion_fewstep.md").read_text()
-    assert f"| fm | {run['results']['1']['fd']:.1f} | {run['results']['2']['fd']:.1f} |" in md
+    assert f"| fm | 1 | {run['results']['1']['fd']:.1f} | {run['results']['2']['fd']:.1f} |" in md
     assert (tmp_path / "out" / "fashion_fewstep.png").stat().st_size > 10_000
     # a second call with one more step count trains nothing and evaluates only that step count
     stamp = (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime
@@ -76,7 +76,19 @@ def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
                "machine": "m", "commit": "x", "goals": report.check_goals(groups)}
     report.write_markdown(tmp_path / "page.md", summary)
     md = (tmp_path / "page.md").read_text()
-    assert "| mf | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
+    assert "| mf | 2 | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
     assert "- met: mf: 1-step FD <= 1.3 x FM's best FD" in md
     report.plot(tmp_path / "page.png", summary)
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def test_ablations_run_at_the_first_seed_only():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fashion_fewstep as experiment
+
+    jobs = [("fm", "fm", [], True), experiment.parse_variant("mf=meanflow_fd:objective.fd_delta=0.01"),
+            experiment.parse_ablation("mf_ema=meanflow_fd:objective.fd_network=ema_fast")]
+    order = [(seed, name) for seed, name, _, _ in experiment.schedule(jobs, [3, 1])]
+    assert order == [(3, "fm"), (3, "mf"), (3, "mf_ema"), (1, "fm"), (1, "mf")]
+    with pytest.raises(Exception, match="--ablation expects"):
+        experiment.parse_ablation("mf_ema=nope:x=1")
