@@ -54,6 +54,9 @@ class ModelConfig:
     text_cache: int = _f(0, lo=0)
     # 2 = the DiT also takes the jump's end sigma_end (METHOD.md section 8); needed by meanflow(_fd)
     time_inputs: int = _f(1, choices=(1, 2))
+    # two-time models: the jump length h enters sinusoids of jump_scale * h * 10000^(-i/128), so
+    # jump_scale is the top frequency in radians per unit of h (sigma's embedder uses 1000)
+    jump_scale: float = _f(1000.0, lo=1e-3)
 
 
 @dataclass

@@ -331,6 +331,39 @@ def test_jvp_runs_on_a_model_built_with_the_triton_kernels(kernel_device):
                                atol=1e-4, rtol=1e-4)
 
 
+def test_jump_scale_is_the_jump_embedders_frequency_and_travels_with_the_weights(tmp_path):
+    """model.jump_scale stretches the jump embedder's time axis (scale s at h is scale 1000 at
+    s h / 1000), leaves sigma's embedder alone, and is kept in exported files."""
+    from flowpre.weights import load_model, save_weights
+
+    slow = build_dit("DiT-2x32x2/4", 1, 8, 10, kernels="torch", time_inputs=2, jump_scale=2.5).double()
+    fast = build_dit("DiT-2x32x2/4", 1, 8, 10, kernels="torch", time_inputs=2).double()
+    with torch.no_grad():
+        for p in slow.parameters():
+            p.normal_(0, 0.2)
+    fast.load_state_dict(slow.state_dict())
+    h = torch.rand(16, dtype=torch.float64)
+    torch.testing.assert_close(slow.jump_embed(h), fast.jump_embed(h * 2.5 / 1000))
+    torch.testing.assert_close(slow.t_embed(h), fast.t_embed(h))
+    # d/dh of the embedding is bounded by scale x the MLP's gain: a slow embedder moves far less
+    d_slow = torch.func.jvp(slow.jump_embed, (h,), (torch.ones_like(h),))[1]
+    d_fast = torch.func.jvp(fast.jump_embed, (h,), (torch.ones_like(h),))[1]
+    assert d_slow.abs().max() * 50 < d_fast.abs().max()
+    x, c = batch(B=16)["x"], batch(B=16)["cond"]
+    sigma = 0.2 + 0.8 * torch.rand(16, dtype=torch.float64)
+    assert not torch.allclose(slow(x, sigma, c, sigma_end=sigma - 0.1), fast(x, sigma, c, sigma_end=sigma - 0.1))
+    assert slow.config()["jump_scale"] == 2.5
+    assert "jump_scale" not in build_dit("DiT-2x32x2/4", 1, 8, 10).config()  # one-time files stay as they were
+    path = save_weights(slow.state_dict(), tmp_path / "m.safetensors", {"model": slow.config(), "step": 0}, "student")
+    loaded, _ = load_model(path, kernels="torch")
+    assert loaded.jump_embed.scale == 2.5
+    torch.testing.assert_close(loaded.double()(x, sigma, c, sigma_end=sigma / 2), slow(x, sigma, c, sigma_end=sigma / 2),
+                               atol=1e-4, rtol=1e-3)  # the file holds fp32
+    assert load_config(None, ["model.time_inputs=2", "model.jump_scale=3"]).model.jump_scale == 3.0
+    with pytest.raises(ConfigError, match="model.jump_scale"):
+        load_config(None, ["model.jump_scale=0"])
+
+
 def test_eval_samples_a_two_time_model(tmp_path):
     """`flowpre eval` on an exported two-time model: the sampler feeds each step's end."""
     import argparse

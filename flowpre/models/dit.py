@@ -190,7 +190,7 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
                  num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
-                 time_inputs=1):
+                 time_inputs=1, jump_scale=1000.0):
         super().__init__()
         if time_inputs not in (1, 2):
             raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs!r}")
@@ -201,7 +201,7 @@ class DiT(nn.Module):
         self.in_channels, self.out_channels = in_channels, in_channels
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
-        self.step_levels, self.time_inputs = step_levels, time_inputs
+        self.step_levels, self.time_inputs, self.jump_scale = step_levels, time_inputs, float(jump_scale)
         self.text_dim, self.text_tokens = text_dim, text_tokens  # text models: cond is (B, text_tokens, text_dim)
         self.activation_checkpointing = False  # set by the engine (train.activation_checkpointing)
         self.grid = image_size // patch
@@ -211,8 +211,10 @@ class DiT(nn.Module):
         self.y_embed = TextEmbedder(text_dim, hidden) if text_dim else LabelEmbedder(num_classes, hidden)
         # step-size input d = 2^-level, only for the Shortcut Models baseline
         self.d_embed = nn.Embedding(step_levels, hidden) if step_levels else None
-        # two-time models: the jump length sigma - sigma_end, embedded like sigma
-        self.jump_embed = TimestepEmbedder(hidden) if time_inputs == 2 else None
+        # two-time models: the jump length sigma - sigma_end, embedded like sigma but with its own
+        # frequency scale: MeanFlow's target holds h du/dt, which multiplies a feature of frequency w
+        # by about h w, so features much faster than 1/h feed back on themselves (fashion_flowmaps.md)
+        self.jump_embed = TimestepEmbedder(hidden, scale=self.jump_scale) if time_inputs == 2 else None
         self.register_buffer("pos_embed", sincos_pos_embed(hidden, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList([DiTBlock(hidden, heads, mlp_ratio, bool(text_dim)) for _ in range(depth)])
         self.final = FinalLayer(hidden, patch, self.out_channels)
@@ -322,7 +324,8 @@ class DiT(nn.Module):
         return {"in_channels": self.in_channels, "image_size": self.image_size, "patch": self.patch,
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
                 "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels,
-                "text_dim": self.text_dim, "text_tokens": self.text_tokens, "time_inputs": self.time_inputs}
+                "text_dim": self.text_dim, "text_tokens": self.text_tokens, "time_inputs": self.time_inputs,
+                **({"jump_scale": self.jump_scale} if self.time_inputs == 2 else {})}
 
 
 @contextlib.contextmanager
@@ -356,7 +359,7 @@ DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)
 
 
 def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
-              time_inputs=1):
+              time_inputs=1, jump_scale=1000.0):
     """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
     try:
         size, patch = name.removeprefix("DiT-").split("/")
@@ -368,4 +371,5 @@ def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_l
     except ValueError:
         raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
     return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels,
-               step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens, time_inputs=time_inputs)
+               step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens, time_inputs=time_inputs,
+               jump_scale=jump_scale)

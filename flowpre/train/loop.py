@@ -61,20 +61,20 @@ def build_model(cfg, dataset, step_levels=0, text=None):
         if model.step_levels != step_levels:
             raise ConfigError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         if model.time_inputs != m.time_inputs:
-            model = with_time_inputs(model, m.time_inputs, m.init)
+            model = with_time_inputs(model, m.time_inputs, m.init, m.jump_scale)
         return model.train()
     return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
                      text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0,
-                     time_inputs=m.time_inputs)
+                     time_inputs=m.time_inputs, jump_scale=m.jump_scale)
 
 
-def with_time_inputs(model, time_inputs, source):
+def with_time_inputs(model, time_inputs, source, jump_scale=1000.0):
     """A one-time model grown into a two-time one (its new jump embedder outputs zero, so the
     function is unchanged): start MeanFlow or two-time SCFM from a flow-matching model."""
     if (model.time_inputs, time_inputs) != (1, 2):
         raise ConfigError(f"model.init: {source} has time_inputs={model.time_inputs}; model.time_inputs={time_inputs} "
                          "cannot be made from it (only 1 -> 2)")
-    grown = DiT(**{**model.config(), "time_inputs": 2}, kernels=model.kernels)
+    grown = DiT(**{**model.config(), "time_inputs": 2, "jump_scale": jump_scale}, kernels=model.kernels)
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("jump_embed.") for k in missing), (missing, unexpected)
     return grown
