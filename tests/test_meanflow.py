@@ -364,6 +364,22 @@ def test_jump_scale_is_the_jump_embedders_frequency_and_travels_with_the_weights
         load_config(None, ["model.jump_scale=0"])
 
 
+def test_resume_of_a_two_time_checkpoint_from_before_jump_scale(tmp_path):
+    """Checkpoints written before model.jump_scale existed embedded the jump at 1000: they resume
+    under the default and are refused, naming the key, under another scale."""
+    import json
+
+    from flowpre.train.checkpoint import check_same_model
+
+    model = build_dit("DiT-2x32x2/4", 1, 8, 10, time_inputs=2)
+    old = {k: v for k, v in model.config().items() if k != "jump_scale"}
+    (tmp_path / "meta.json").write_text(json.dumps({"model": old}))
+    check_same_model(tmp_path, model.config(), "DiT-2x32x2/4")
+    other = build_dit("DiT-2x32x2/4", 1, 8, 10, time_inputs=2, jump_scale=1.0).config()
+    with pytest.raises(ConfigError, match="jump_scale 1000.0 \\(checkpoint\\) vs 1.0 \\(config\\)"):
+        check_same_model(tmp_path, other, "DiT-2x32x2/4")
+
+
 def test_eval_samples_a_two_time_model(tmp_path):
     """`flowpre eval` on an exported two-time model: the sampler feeds each step's end."""
     import argparse

@@ -328,6 +328,14 @@ class DiT(nn.Module):
                 **({"jump_scale": self.jump_scale} if self.time_inputs == 2 else {})}
 
 
+def upgrade_config(config):
+    """A model config as written before a key existed, completed with the value it had then
+    (two-time models before model.jump_scale embedded the jump like sigma, at 1000)."""
+    if config.get("time_inputs") == 2 and "jump_scale" not in config:
+        return {**config, "jump_scale": 1000.0}
+    return config
+
+
 @contextlib.contextmanager
 def forward_mode_kernels(model):
     """Run `model` where forward-mode AD (torch.func.jvp, MeanFlow's target) has rules: the

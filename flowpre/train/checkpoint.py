@@ -107,7 +107,10 @@ def check_same_model(path, model_config, model_name):
     from flowpre.config import ConfigError
 
     meta = json.loads((Path(path) / "meta.json").read_text())
+    from flowpre.models.dit import upgrade_config
+
     saved = meta.get("model")
+    saved = upgrade_config(saved) if saved is not None else None
     if saved is None or saved == model_config:
         return
     differ = ", ".join(f"{k} {saved.get(k)} (checkpoint) vs {model_config.get(k)} (config)"
