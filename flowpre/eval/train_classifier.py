@@ -14,9 +14,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from flowpre.eval.classifier import WEIGHTS, FashionCNN, batched, load_split
+from flowpre.eval.classifier import WEIGHTS, FashionCNN, batched, fit_one_cycle, load_split
+
+
+def hflip(x, gen):
+    """Horizontal flips of half the batch: every Fashion-MNIST class stays what it is, and
+    the net overfits less."""
+    flip = torch.rand(len(x), generator=gen) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def evaluate_accuracy(net, x, y, batch_size=1000):
@@ -30,31 +36,14 @@ def train(out=WEIGHTS, epochs=5, batch_size=128, lr=3e-3, weight_decay=1e-4, see
     x_train, y_train, _ = load_split("fashion-mnist", "train")
     x_test, y_test, _ = load_split("fashion-mnist", "test")
     net = FashionCNN()
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    # One-cycle: a warm start and a decay to ~0 gets most of the accuracy of a long run in a few epochs.
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
     start = time.time()
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total, count = 0.0, 0
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            xb = x_train[idx]
-            # Horizontal flips keep every Fashion-MNIST class what it is and curb overfitting.
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            xb = torch.where(flip[:, None, None, None], xb.flip(-1), xb)
-            loss = F.cross_entropy(net(xb), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total, count = total + loss.item() * len(idx), count + len(idx)
-        acc = evaluate_accuracy(net, x_test, y_test)
-        log(f"epoch {epoch + 1}/{epochs}: train loss {total / count:.4f}, test accuracy {acc:.4f} "
-            f"({time.time() - start:.0f} s)")
+
+    def report(epoch, loss):
+        log(f"epoch {epoch + 1}/{epochs}: train loss {loss:.4f}, test accuracy "
+            f"{evaluate_accuracy(net, x_test, y_test):.4f} ({time.time() - start:.0f} s)")
+
+    fit_one_cycle(net, x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  gen=torch.Generator().manual_seed(seed), augment=hflip, after_epoch=report)
     elapsed = time.time() - start
     acc = evaluate_accuracy(net, x_test, y_test)
     meta = {"config": json.dumps(net.config), "dataset": "fashion-mnist",

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from flowpre.eval.classifier import load_split
+from flowpre.eval.classifier import fit_one_cycle, load_split
 from flowpre.eval.emoji_classifier import IMAGE_SIZE, WEIGHTS, EmojiCNN, group_of, predict
 
 SOURCE = "twemoji-subgroups"
@@ -74,27 +74,16 @@ def _train(out, epochs, batch_size, lr, weight_decay, seed, limit, log):
     x_held, y_held, _ = load_split(f"{SOURCE}:heldout", image_size=IMAGE_SIZE, limit=limit)
     class_names = info["class_names"]
     net = EmojiCNN(len(class_names))
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = (len(x_train) + batch_size - 1) // batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
-    gen = torch.Generator().manual_seed(seed)
     start = time.time()
-    for epoch in range(epochs):
-        net.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            loss = F.cross_entropy(net(augment(x_train[idx], gen)), y_train[idx], label_smoothing=0.1)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item() * len(idx)
+
+    def report(epoch, loss):
         if (epoch + 1) % 10 == 0 or epoch + 1 == epochs:
             net.eval()
-            log(f"epoch {epoch + 1}/{epochs}: train loss {total / len(order):.3f}, held-out accuracy "
+            log(f"epoch {epoch + 1}/{epochs}: train loss {loss:.3f}, held-out accuracy "
                 f"{accuracy(net, x_held, y_held, class_names)[0]:.3f} ({time.time() - start:.0f} s)")
+
+    fit_one_cycle(net, x_train, y_train, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                  gen=torch.Generator().manual_seed(seed), augment=augment, label_smoothing=0.1, after_epoch=report)
     elapsed = time.time() - start
     net.eval()
     train_acc, train_group = accuracy(net, x_train, y_train, class_names)
