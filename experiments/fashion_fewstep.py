@@ -177,6 +177,7 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results")
     p.add_argument("--name", default="fashion_fewstep", help="file name of the results (an ablation page: another name)")
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
+    p.add_argument("--notes", default=None, help="a markdown file appended to the page (the reading of the numbers)")
     args = p.parse_args(argv)
     from flowpre.arguments import parse_steps
 
@@ -198,7 +199,8 @@ def main(argv=None):
                "scale": args.scale, "split": args.split, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
                "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, torch "
                + __import__("torch").__version__, "wall_s_this_invocation": time.time() - began,
-               "seeds": seeds, "runs": runs, "groups": groups, "goals": check_goals(groups)}
+               "seeds": seeds, "runs": runs, "groups": groups, "goals": check_goals(groups),
+               "notes": Path(args.notes).read_text() if args.notes else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -165,6 +165,8 @@ def write_markdown(path, summary):
         unjudged = sum(g["met"] is None for g in judged)
         if unjudged:
             lines.append(f"- not judged: {unjudged} goal(s) whose run or step count is not on this page")
+    if summary.get("notes"):
+        lines += ["", summary["notes"].strip()]
     path.write_text("\n".join(lines) + "\n")
 
 

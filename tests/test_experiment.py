@@ -73,11 +73,11 @@ def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
     assert goals == {"1-step FD <= 1.3 x FM's best FD": True, "2-step FD <= 1.15 x FM's best FD": True,
                      "128-step FD <= 1.05 x FM's 128-step FD": True, "training FLOPs per image <= 1.35 x FM's": True}
     summary = {"groups": groups, "runs": runs, "steps": [1, 2, 128], "split": "test", "command": "c", "date": "d",
-               "machine": "m", "commit": "x", "goals": report.check_goals(groups)}
+               "machine": "m", "commit": "x", "goals": report.check_goals(groups), "notes": "## Reading\n\nWhy."}
     report.write_markdown(tmp_path / "page.md", summary)
     md = (tmp_path / "page.md").read_text()
     assert "| mf | 2 | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
-    assert "- met: mf: 1-step FD <= 1.3 x FM's best FD" in md
+    assert "- met: mf: 1-step FD <= 1.3 x FM's best FD" in md and md.endswith("## Reading\n\nWhy.\n")
     report.plot(tmp_path / "page.png", summary)
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
