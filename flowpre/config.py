@@ -55,8 +55,10 @@ class ModelConfig:
     # 2 = the DiT also takes the jump's end sigma_end (METHOD.md section 8); needed by meanflow(_fd)
     time_inputs: int = _f(1, choices=(1, 2))
     # two-time models: the jump length h enters sinusoids of jump_scale * h * 10000^(-i/128), so
-    # jump_scale is the top frequency in radians per unit of h (sigma's embedder uses 1000)
-    jump_scale: float = _f(1000.0, lo=1e-3)
+    # jump_scale is the top frequency in radians per unit of h. 0 = auto: 1 for meanflow(_fd), whose
+    # target h du/dt runs away on fast jump features (docs/results/fashion_flowmaps.md), else 1000
+    # (sigma's own scale, and what every two-time model had before this key)
+    jump_scale: float = _f(0.0, lo=0.0)
 
 
 @dataclass
@@ -276,6 +278,8 @@ def _validate_together(cfg: Config, source: str):
     if cfg.objective.name in ("meanflow", "meanflow_fd") and cfg.model.time_inputs != 2:
         raise ConfigError(f"{source}: key 'model.time_inputs': objective.name={cfg.objective.name} needs a two-time "
                           f"model (model.time_inputs=2), got {cfg.model.time_inputs}")
+    if cfg.model.jump_scale == 0:
+        cfg.model.jump_scale = 1.0 if cfg.objective.name in ("meanflow", "meanflow_fd") else 1000.0
     if cfg.objective.name == "meanflow" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(f"{source}: key 'deepspeed.zero_stage': objective.name=meanflow takes a JVP through the "
                           "student, and ZeRO-3's parameter hooks are autograd functions without a forward-mode "

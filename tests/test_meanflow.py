@@ -361,7 +361,13 @@ def test_jump_scale_is_the_jump_embedders_frequency_and_travels_with_the_weights
                                atol=1e-4, rtol=1e-3)  # the file holds fp32
     assert load_config(None, ["model.time_inputs=2", "model.jump_scale=3"]).model.jump_scale == 3.0
     with pytest.raises(ConfigError, match="model.jump_scale"):
-        load_config(None, ["model.jump_scale=0"])
+        load_config(None, ["model.jump_scale=-1"])
+    # auto (0): slow jump features for the MeanFlow objectives, sigma's scale for the others
+    for name, scale in (("meanflow", 1.0), ("meanflow_fd", 1.0), ("scfm", 1000.0), ("fm", 1000.0)):
+        cfg = load_config(None, ["model.time_inputs=2", f"objective.name={name}"])
+        assert cfg.model.jump_scale == scale, name
+    assert load_config(None, ["model.time_inputs=2", "objective.name=meanflow_fd",
+                              "model.jump_scale=1000"]).model.jump_scale == 1000.0
 
 
 def test_resume_of_a_two_time_checkpoint_from_before_jump_scale(tmp_path):
