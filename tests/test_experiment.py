@@ -77,7 +77,7 @@ def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
     report.write_markdown(tmp_path / "page.md", summary)
     md = (tmp_path / "page.md").read_text()
     assert "| mf | 2 | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
-    assert "- met: mf: 1-step FD <= 1.3 x FM's best FD" in md and md.endswith("## Reading\n\nWhy.\n")
+    assert "- met: mf: 1-step FD <= 1.3 x FM's best FD (measured 1.200x)" in md and md.endswith("## Reading\n\nWhy.\n")
     report.plot(tmp_path / "page.png", summary)
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
