@@ -114,7 +114,10 @@ def write_markdown(path, summary):
     lines = [f"# du/dt of trained models, in parts (issue 12)", "",
              f"Produced by `{summary['command']}` on {summary['date']}: the slow-EMA models, the first "
              f"{summary['images']} Fashion-MNIST test images, t uniform in [h, 1], r = t - h, the same noise "
-             "for every model. RMS over all pixels; data and noise have unit-ish scale (v rms about 1.2).", "",
+             "for every model. RMS over all pixels; data and noise have unit-ish scale (v rms about 1.2). "
+             "The models are the runs' exported weights (not committed; each run's config, metrics and "
+             "evaluations are in experiments/records/fashion_flowmaps/). The target column is what the "
+             "exact JVP would regress at these points; FD columns are the meanflow_fd stencil at each gap.", "",
              "| model | h = t - r | u | du/dt | space d_z u . v | d_sigma u | d_jump u | target v - h du/dt | "
              "model - target | FD 5e-3 | FD 2e-4 |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for res in summary["results"]:
