@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def main(argv=None):
         log(f"{runs[-1]['name']}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
     groups = aggregate(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    summary = {"command": "python experiments/fashion_fewstep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    summary = {"command": "python experiments/fashion_fewstep.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
                "scale": args.scale, "split": args.split, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
                "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, torch "
                + __import__("torch").__version__, "wall_s_this_invocation": time.time() - began,
