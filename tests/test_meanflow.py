@@ -386,6 +386,23 @@ def test_resume_of_a_two_time_checkpoint_from_before_jump_scale(tmp_path):
         check_same_model(tmp_path, other, "DiT-2x32x2/4")
 
 
+def test_model_init_of_a_two_time_file_at_another_jump_scale_is_refused(tmp_path):
+    """A two-time model.init keeps its file's jump embedder; a run asking for another scale
+    (here meanflow_fd's auto 1 against a 1000 file) stops naming the key instead of ignoring it."""
+    from flowpre.train.loop import build_model
+    from flowpre.weights import save_weights
+
+    model = build_dit("DiT-2x32x2/4", 1, 8, 10, kernels="torch", time_inputs=2, jump_scale=1000.0)
+    path = save_weights(model.state_dict(), tmp_path / "two.safetensors", {"model": model.config(), "step": 0},
+                        "ema_slow")
+    dataset = {"channels": 1, "height": 8, "width": 8, "num_classes": 10}
+    base = [f"model.init={path}", "model.time_inputs=2", "objective.name=meanflow_fd", "model.kernels=torch"]
+    with pytest.raises(ConfigError, match="model.jump_scale=1000 to continue"):
+        build_model(load_config(None, base), dataset)
+    kept = build_model(load_config(None, base + ["model.jump_scale=1000"]), dataset)
+    assert kept.jump_scale == 1000.0
+
+
 def test_eval_samples_a_two_time_model(tmp_path):
     """`flowpre eval` on an exported two-time model: the sampler feeds each step's end."""
     import argparse

@@ -105,10 +105,9 @@ def _describe(model):
 def check_same_model(path, model_config, model_name):
     """Before DeepSpeed loads tensors into the wrong shapes: a ConfigError naming both models."""
     from flowpre.config import ConfigError
-
-    meta = json.loads((Path(path) / "meta.json").read_text())
     from flowpre.models.dit import upgrade_config
 
+    meta = json.loads((Path(path) / "meta.json").read_text())
     saved = meta.get("model")
     saved = upgrade_config(saved) if saved is not None else None
     if saved is None or saved == model_config:

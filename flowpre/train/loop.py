@@ -62,6 +62,10 @@ def build_model(cfg, dataset, step_levels=0, text=None):
             raise ConfigError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
         if model.time_inputs != m.time_inputs:
             model = with_time_inputs(model, m.time_inputs, m.init, m.jump_scale)
+        elif model.time_inputs == 2 and model.jump_scale != m.jump_scale:  # the file's embedder was trained at its scale
+            raise ConfigError(f"model.init: {m.init} embeds the jump at jump_scale={model.jump_scale:g}, but "
+                              f"model.jump_scale={m.jump_scale:g} (0 = auto picks 1 for meanflow(_fd), 1000 otherwise); "
+                              f"set model.jump_scale={model.jump_scale:g} to continue from it")
         return model.train()
     return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
                      text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0,
