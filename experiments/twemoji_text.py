@@ -34,6 +34,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -245,7 +246,7 @@ def main(argv=None):
     png = save_grids(out / f"{args.name}.png", drawn, sets, best, STEPS, scale["grid_columns"])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     summary = {
-        "command": "python experiments/twemoji_text.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": shlex.join(["python", "experiments/twemoji_text.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "smoke": args.smoke, "seed": args.seed, "steps": STEPS, "cfg_scales": scale["cfg_scales"],
