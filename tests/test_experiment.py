@@ -80,6 +80,9 @@ def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
     assert "- met: mf: 1-step FD <= 1.3 x FM's best FD (measured 1.200x)" in md and md.endswith("## Reading\n\nWhy.\n")
     report.plot(tmp_path / "page.png", summary)
     assert (tmp_path / "page.png").stat().st_size > 10_000
+    # a second FM variant (another sigma embedding) that beats the first on seed 0 becomes seed 0's yardstick
+    mf = report.aggregate(runs + [run("fm_slow", "fm", 0, {1: 190.0, 128: 30.0})])[1]
+    assert mf["yardstick"][1]["values"] == pytest.approx([48.0 / 30.0, 1.2])
 
 
 def test_ablations_run_at_the_first_seed_only():

@@ -509,3 +509,39 @@ def test_objective_cost_benchmark_times_every_objective(tmp_path):
     for name in ("scfm", "scfm2", "meanflow", "meanflow_fd"):
         assert rows[name]["counted_flops_ratio"] == pytest.approx(1 + 2 * 2 / (3 * 8)), name
     assert all(r["median_step_s"] > 0 for r in rows.values())
+
+
+def test_sigma_scale_is_the_sigma_embedders_frequency_and_travels_with_the_weights(tmp_path):
+    """model.sigma_scale stretches sigma's embedder (scale s at sigma is scale 1000 at
+    s sigma / 1000) and nothing else; files at 1000 are written as before; a model.init file
+    at another scale is refused by name."""
+    from flowpre.train.loop import build_model
+    from flowpre.weights import load_model, save_weights
+
+    slow = build_dit("DiT-2x32x2/4", 1, 8, 10, kernels="torch", time_inputs=2, sigma_scale=4.0).double()
+    fast = build_dit("DiT-2x32x2/4", 1, 8, 10, kernels="torch", time_inputs=2).double()
+    with torch.no_grad():
+        for p in slow.parameters():
+            p.normal_(0, 0.2)
+    fast.load_state_dict(slow.state_dict())
+    s = torch.rand(16, dtype=torch.float64)
+    torch.testing.assert_close(slow.t_embed(s), fast.t_embed(s * 4.0 / 1000))
+    torch.testing.assert_close(slow.jump_embed(s), fast.jump_embed(s))
+    x, c = batch(B=16)["x"], batch(B=16)["cond"]
+    sigma = 0.2 + 0.8 * torch.rand(16, dtype=torch.float64)
+    assert not torch.allclose(slow(x, sigma, c, sigma_end=sigma / 2), fast(x, sigma, c, sigma_end=sigma / 2))
+    assert slow.config()["sigma_scale"] == 4.0 and "sigma_scale" not in fast.config()
+    path = save_weights(slow.state_dict(), tmp_path / "m.safetensors", {"model": slow.config(), "step": 0}, "student")
+    loaded, _ = load_model(path, kernels="torch")
+    assert loaded.t_embed.scale == 4.0
+    torch.testing.assert_close(loaded.double()(x, sigma, c, sigma_end=sigma / 2), slow(x, sigma, c, sigma_end=sigma / 2),
+                               atol=1e-4, rtol=1e-3)
+    assert load_config(None, ["objective.name=meanflow_fd", "model.time_inputs=2"]).model.sigma_scale == 1000.0
+    for bad in ("0", "-2"):
+        with pytest.raises(ConfigError, match="model.sigma_scale"):
+            load_config(None, [f"model.sigma_scale={bad}"])
+    dataset = {"channels": 1, "height": 8, "width": 8, "num_classes": 10}
+    base = ["model.name=DiT-2x32x2/4", "model.kernels=torch", "model.time_inputs=2", f"model.init={path}"]
+    with pytest.raises(ConfigError, match="model.sigma_scale=4 to continue"):
+        build_model(load_config(None, base), dataset)
+    assert build_model(load_config(None, base + ["model.sigma_scale=4"]), dataset).sigma_scale == 4.0

@@ -190,7 +190,7 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     def __init__(self, in_channels=4, image_size=32, patch=2, hidden=384, depth=12, heads=6,
                  num_classes=1000, mlp_ratio=4.0, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
-                 time_inputs=1, jump_scale=1000.0):
+                 time_inputs=1, jump_scale=1000.0, sigma_scale=1000.0):
         super().__init__()
         if time_inputs not in (1, 2):
             raise ValueError(f"time_inputs must be 1 or 2, got {time_inputs!r}")
@@ -202,12 +202,15 @@ class DiT(nn.Module):
         self.image_size, self.patch, self.hidden, self.heads, self.depth = image_size, patch, hidden, heads, depth
         self.num_classes, self.mlp_ratio, self.kernels = num_classes, mlp_ratio, kernels
         self.step_levels, self.time_inputs, self.jump_scale = step_levels, time_inputs, float(jump_scale)
+        self.sigma_scale = float(sigma_scale)
         self.text_dim, self.text_tokens = text_dim, text_tokens  # text models: cond is (B, text_tokens, text_dim)
         self.activation_checkpointing = False  # set by the engine (train.activation_checkpointing)
         self.grid = image_size // patch
 
         self.patch_embed = nn.Conv2d(in_channels, hidden, kernel_size=patch, stride=patch)
-        self.t_embed = TimestepEmbedder(hidden)
+        # sigma's top frequency, 1000 rad per unit as in DiT; MeanFlow's target h du/dt amplifies
+        # fast sigma features as it does fast jump features (model.sigma_scale, fashion_flowmaps.md)
+        self.t_embed = TimestepEmbedder(hidden, scale=self.sigma_scale)
         self.y_embed = TextEmbedder(text_dim, hidden) if text_dim else LabelEmbedder(num_classes, hidden)
         # step-size input d = 2^-level, only for the Shortcut Models baseline
         self.d_embed = nn.Embedding(step_levels, hidden) if step_levels else None
@@ -325,7 +328,9 @@ class DiT(nn.Module):
                 "hidden": self.hidden, "depth": self.depth, "heads": self.heads,
                 "num_classes": self.num_classes, "mlp_ratio": self.mlp_ratio, "step_levels": self.step_levels,
                 "text_dim": self.text_dim, "text_tokens": self.text_tokens, "time_inputs": self.time_inputs,
-                **({"jump_scale": self.jump_scale} if self.time_inputs == 2 else {})}
+                **({"jump_scale": self.jump_scale} if self.time_inputs == 2 else {}),
+                # files at the usual scale stay as they were before the key existed
+                **({"sigma_scale": self.sigma_scale} if self.sigma_scale != 1000.0 else {})}
 
 
 def upgrade_config(config):
@@ -367,7 +372,7 @@ DIT_MODELS = [f"DiT-{size}/{patch}" for size in DIT_SIZES for patch in (2, 4, 8)
 
 
 def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_levels=0, text_dim=0, text_tokens=0,
-              time_inputs=1, jump_scale=1000.0):
+              time_inputs=1, jump_scale=1000.0, sigma_scale=1000.0):
     """`DiT-S/2` ... `DiT-XL/8`; also `DiT-<depth>x<hidden>x<heads>/<patch>` for small custom models."""
     try:
         size, patch = name.removeprefix("DiT-").split("/")
@@ -380,4 +385,4 @@ def build_dit(name, in_channels, image_size, num_classes, kernels="auto", step_l
         raise ValueError(f"unknown model name {name!r}: use one of {DIT_MODELS} or DiT-<depth>x<hidden>x<heads>/<patch>")
     return DiT(in_channels, image_size, patch, hidden, depth, heads, num_classes, kernels=kernels,
                step_levels=step_levels, text_dim=text_dim, text_tokens=text_tokens, time_inputs=time_inputs,
-               jump_scale=jump_scale)
+               jump_scale=jump_scale, sigma_scale=sigma_scale)

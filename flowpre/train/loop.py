@@ -60,6 +60,10 @@ def build_model(cfg, dataset, step_levels=0, text=None):
         model, _ = load_model(m.init, kernels=m.kernels, source="model.init")
         if model.step_levels != step_levels:
             raise ConfigError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
+        if model.sigma_scale != m.sigma_scale:  # the file's sigma embedder was trained at its scale
+            raise ConfigError(f"model.init: {m.init} embeds sigma at sigma_scale={model.sigma_scale:g}, but "
+                              f"model.sigma_scale={m.sigma_scale:g}; set model.sigma_scale={model.sigma_scale:g} "
+                              "to continue from it")
         if model.time_inputs != m.time_inputs:
             model = with_time_inputs(model, m.time_inputs, m.init, m.jump_scale)
         elif model.time_inputs == 2 and model.jump_scale != m.jump_scale:  # the file's embedder was trained at its scale
@@ -69,7 +73,7 @@ def build_model(cfg, dataset, step_levels=0, text=None):
         return model.train()
     return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
                      text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0,
-                     time_inputs=m.time_inputs, jump_scale=m.jump_scale)
+                     time_inputs=m.time_inputs, jump_scale=m.jump_scale, sigma_scale=m.sigma_scale)
 
 
 def with_time_inputs(model, time_inputs, source, jump_scale=1000.0):
