@@ -60,8 +60,10 @@ class ModelConfig:
     # (sigma's own scale, and what every two-time model had before this key)
     jump_scale: float = _f(0.0, lo=0.0)
     # the noise level sigma enters sinusoids of sigma_scale * sigma * 10000^(-i/128): sigma_scale is
-    # their top frequency in radians per unit of sigma (1000 as in DiT, for every objective)
-    sigma_scale: float = _f(1000.0, lo=0.0)
+    # their top frequency in radians per unit of sigma. 0 = auto: 1 for meanflow(_fd), whose target
+    # h du/dt amplifies fast sigma features as it does jump features (fashion_flowmaps.md), else 1000
+    # (as in DiT, and every model before this key)
+    sigma_scale: float = _f(0.0, lo=0.0)
 
 
 @dataclass
@@ -281,10 +283,11 @@ def _validate_together(cfg: Config, source: str):
     if cfg.objective.name in ("meanflow", "meanflow_fd") and cfg.model.time_inputs != 2:
         raise ConfigError(f"{source}: key 'model.time_inputs': objective.name={cfg.objective.name} needs a two-time "
                           f"model (model.time_inputs=2), got {cfg.model.time_inputs}")
-    if cfg.model.sigma_scale <= 0:
-        raise ConfigError(f"{source}: key 'model.sigma_scale': expected a positive frequency, got {cfg.model.sigma_scale:g}")
+    meanflow = cfg.objective.name in ("meanflow", "meanflow_fd")
     if cfg.model.jump_scale == 0:
-        cfg.model.jump_scale = 1.0 if cfg.objective.name in ("meanflow", "meanflow_fd") else 1000.0
+        cfg.model.jump_scale = 1.0 if meanflow else 1000.0
+    if cfg.model.sigma_scale == 0:
+        cfg.model.sigma_scale = 1.0 if meanflow else 1000.0
     if cfg.objective.name == "meanflow" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(f"{source}: key 'deepspeed.zero_stage': objective.name=meanflow takes a JVP through the "
                           "student, and ZeRO-3's parameter hooks are autograd functions without a forward-mode "

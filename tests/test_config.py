@@ -71,7 +71,7 @@ def test_cli_exits_nonzero_naming_key(tmp_path):
 
 def test_experiment_configs_differ_only_in_the_objective():
     """configs/experiments/fashion_*.yaml: equal compute and settings, only objective.name (and the run
-    folder; model.time_inputs and the jump embedder's scale for the two-time MeanFlow pair) differ."""
+    folder; model.time_inputs and the time embedders' scales for the two-time MeanFlow pair) differ."""
     import dataclasses
     from pathlib import Path
 
@@ -83,12 +83,13 @@ def test_experiment_configs_differ_only_in_the_objective():
         assert cfg["objective"]["name"] == name and cfg["run"]["dir"].endswith(f"fashion_{name}")
         assert cfg["model"]["time_inputs"] == (2 if name.startswith("meanflow") else 1)
         assert cfg["model"]["jump_scale"] == (1.0 if name.startswith("meanflow") else 1000.0)  # auto
+        assert cfg["model"]["sigma_scale"] == (1.0 if name.startswith("meanflow") else 1000.0)  # auto
         for section in cfg:
             a, b = dict(loaded["fm"][section]), dict(cfg[section])
             for d in (a, b):
                 d.pop("name", None) if section == "objective" else None
                 d.pop("dir", None) if section == "run" else None
-                [d.pop(k, None) for k in ("time_inputs", "jump_scale")] if section == "model" else None
+                [d.pop(k, None) for k in ("time_inputs", "jump_scale", "sigma_scale")] if section == "model" else None
             assert a == b, (name, section)
 
 

@@ -384,6 +384,13 @@ def test_resume_of_a_two_time_checkpoint_from_before_jump_scale(tmp_path):
     other = build_dit("DiT-2x32x2/4", 1, 8, 10, time_inputs=2, jump_scale=1.0).config()
     with pytest.raises(ConfigError, match="jump_scale 1000.0 \\(checkpoint\\) vs 1.0 \\(config\\)"):
         check_same_model(tmp_path, other, "DiT-2x32x2/4")
+    # a MeanFlow checkpoint from before the sigma_scale key (sigma at 1000), resumed under the auto 1
+    slow_sigma = build_dit("DiT-2x32x2/4", 1, 8, 10, time_inputs=2, jump_scale=1.0, sigma_scale=1.0).config()
+    (tmp_path / "meta.json").write_text(json.dumps({"model": other}))
+    check_same_model(tmp_path, {**other, "sigma_scale": 1000.0}, "DiT-2x32x2/4")  # 1000 written or left out: same
+    with pytest.raises(ConfigError, match="sigma_scale 1000.0 \\(checkpoint\\) vs 1.0 \\(config\\); "
+                                          "resume with model.sigma_scale=1000"):
+        check_same_model(tmp_path, slow_sigma, "DiT-2x32x2/4")
 
 
 def test_model_init_of_a_two_time_file_at_another_jump_scale_is_refused(tmp_path):
@@ -397,10 +404,12 @@ def test_model_init_of_a_two_time_file_at_another_jump_scale_is_refused(tmp_path
                         "ema_slow")
     dataset = {"channels": 1, "height": 8, "width": 8, "num_classes": 10}
     base = [f"model.init={path}", "model.time_inputs=2", "objective.name=meanflow_fd", "model.kernels=torch"]
-    with pytest.raises(ConfigError, match="model.jump_scale=1000 to continue"):
+    with pytest.raises(ConfigError, match="set model.sigma_scale=1000 model.jump_scale=1000 to continue"):
         build_model(load_config(None, base), dataset)
-    kept = build_model(load_config(None, base + ["model.jump_scale=1000"]), dataset)
-    assert kept.jump_scale == 1000.0
+    with pytest.raises(ConfigError, match="jump_scale=1000, but the config asks for model.jump_scale=1 "):
+        build_model(load_config(None, base + ["model.sigma_scale=1000"]), dataset)
+    kept = build_model(load_config(None, base + ["model.jump_scale=1000", "model.sigma_scale=1000"]), dataset)
+    assert kept.jump_scale == 1000.0 and kept.sigma_scale == 1000.0
 
 
 def test_eval_samples_a_two_time_model(tmp_path):
@@ -536,12 +545,16 @@ def test_sigma_scale_is_the_sigma_embedders_frequency_and_travels_with_the_weigh
     assert loaded.t_embed.scale == 4.0
     torch.testing.assert_close(loaded.double()(x, sigma, c, sigma_end=sigma / 2), slow(x, sigma, c, sigma_end=sigma / 2),
                                atol=1e-4, rtol=1e-3)
-    assert load_config(None, ["objective.name=meanflow_fd", "model.time_inputs=2"]).model.sigma_scale == 1000.0
-    for bad in ("0", "-2"):
-        with pytest.raises(ConfigError, match="model.sigma_scale"):
-            load_config(None, [f"model.sigma_scale={bad}"])
+    # auto (0): slow sigma features for the MeanFlow objectives, DiT's 1000 for the others
+    for name, scale in (("meanflow", 1.0), ("meanflow_fd", 1.0), ("scfm", 1000.0), ("fm", 1000.0)):
+        assert load_config(None, ["model.time_inputs=2", f"objective.name={name}"]).model.sigma_scale == scale, name
+    assert load_config(None, ["objective.name=meanflow_fd", "model.time_inputs=2",
+                              "model.sigma_scale=1000"]).model.sigma_scale == 1000.0
+    with pytest.raises(ConfigError, match="model.sigma_scale"):
+        load_config(None, ["model.sigma_scale=-2"])
     dataset = {"channels": 1, "height": 8, "width": 8, "num_classes": 10}
-    base = ["model.name=DiT-2x32x2/4", "model.kernels=torch", "model.time_inputs=2", f"model.init={path}"]
+    base = ["model.name=DiT-2x32x2/4", "model.kernels=torch", "model.time_inputs=2", f"model.init={path}",
+            "objective.name=scfm"]
     with pytest.raises(ConfigError, match="model.sigma_scale=4 to continue"):
         build_model(load_config(None, base), dataset)
     assert build_model(load_config(None, base + ["model.sigma_scale=4"]), dataset).sigma_scale == 4.0

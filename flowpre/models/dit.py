@@ -334,10 +334,12 @@ class DiT(nn.Module):
 
 
 def upgrade_config(config):
-    """A model config as written before a key existed, completed with the value it had then
-    (two-time models before model.jump_scale embedded the jump like sigma, at 1000)."""
+    """A model config completed with the keys files may leave out: sigma_scale (written only
+    when it is not 1000) and jump_scale (two-time models before model.jump_scale embedded the
+    jump like sigma, at 1000). Compare configs through this."""
+    config = {"sigma_scale": 1000.0, **config}
     if config.get("time_inputs") == 2 and "jump_scale" not in config:
-        return {**config, "jump_scale": 1000.0}
+        config["jump_scale"] = 1000.0
     return config
 
 

@@ -109,11 +109,16 @@ def check_same_model(path, model_config, model_name):
 
     meta = json.loads((Path(path) / "meta.json").read_text())
     saved = meta.get("model")
-    saved = upgrade_config(saved) if saved is not None else None
-    if saved is None or saved == model_config:
+    if saved is None:
         return
-    differ = ", ".join(f"{k} {saved.get(k)} (checkpoint) vs {model_config.get(k)} (config)"
-                       for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k))
+    saved, model_config = upgrade_config(saved), upgrade_config(model_config)
+    if saved == model_config:
+        return
+    keys = [k for k in sorted(set(saved) | set(model_config)) if saved.get(k) != model_config.get(k)]
+    differ = ", ".join(f"{k} {saved.get(k)} (checkpoint) vs {model_config.get(k)} (config)" for k in keys)
+    if set(keys) <= {"sigma_scale", "jump_scale"}:  # same shapes, other time embedding (e.g. an auto default moved)
+        raise ConfigError(f"train.resume: checkpoint {path} was trained with other time-embedding frequencies: "
+                          f"{differ}; resume with " + " ".join(f"model.{k}={saved[k]:g}" for k in keys))
     ckpt_name = meta.get("model_name") or _describe(saved)
     raise ConfigError(f"train.resume: checkpoint {path} holds a {ckpt_name} model ({_describe(saved)}), but "
                       f"model.name={model_name} builds {_describe(model_config)}; they differ in {differ}. Resume "

@@ -60,16 +60,16 @@ def build_model(cfg, dataset, step_levels=0, text=None):
         model, _ = load_model(m.init, kernels=m.kernels, source="model.init")
         if model.step_levels != step_levels:
             raise ConfigError(f"model.init: {m.init} has step_levels={model.step_levels}, the objective needs {step_levels}")
-        if model.sigma_scale != m.sigma_scale:  # the file's sigma embedder was trained at its scale
-            raise ConfigError(f"model.init: {m.init} embeds sigma at sigma_scale={model.sigma_scale:g}, but "
-                              f"model.sigma_scale={m.sigma_scale:g}; set model.sigma_scale={model.sigma_scale:g} "
-                              "to continue from it")
+        # the file's time embedders were trained at their frequencies: another scale is not a continuation
+        scales = {"sigma_scale": model.sigma_scale, **({"jump_scale": model.jump_scale} if model.time_inputs == 2 else {})}
+        differ = {k: v for k, v in scales.items() if getattr(m, k) != v}
+        if differ:
+            raise ConfigError(f"model.init: {m.init} embeds time at " + ", ".join(f"{k}={v:g}" for k, v in differ.items())
+                              + ", but the config asks for " + ", ".join(f"model.{k}={getattr(m, k):g}" for k in differ)
+                              + " (0 = auto picks 1 for meanflow(_fd), 1000 otherwise); set "
+                              + " ".join(f"model.{k}={v:g}" for k, v in differ.items()) + " to continue from it")
         if model.time_inputs != m.time_inputs:
             model = with_time_inputs(model, m.time_inputs, m.init, m.jump_scale)
-        elif model.time_inputs == 2 and model.jump_scale != m.jump_scale:  # the file's embedder was trained at its scale
-            raise ConfigError(f"model.init: {m.init} embeds the jump at jump_scale={model.jump_scale:g}, but "
-                              f"model.jump_scale={m.jump_scale:g} (0 = auto picks 1 for meanflow(_fd), 1000 otherwise); "
-                              f"set model.jump_scale={model.jump_scale:g} to continue from it")
         return model.train()
     return build_dit(m.name, m.in_channels, m.image_size, m.num_classes, kernels=m.kernels, step_levels=step_levels,
                      text_dim=text.dim if text else 0, text_tokens=text.tokens if text else 0,
