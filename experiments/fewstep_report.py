@@ -186,9 +186,11 @@ def plot(path, summary):
     metrics = [m for m in ("fd", "fid") if any(g[m].get(s) for g in groups for s in g[m])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
-        for g in groups:
+        for i, g in enumerate(groups):
             pts = [(s, v) for s, v in sorted(g[metric].items()) if v]
-            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], marker="o", label=g["name"], capsize=3,
+            # past ten groups the colour cycle repeats: the marker and line style tell them apart
+            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], marker="os^D"[i // 10 % 4], capsize=3,
+                        linestyle=("-", "--", ":", "-.")[i // 10 % 4], label=g["name"], color=f"C{i % 10}",
                         yerr=[p[1]["std"] or 0 for p in pts])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
