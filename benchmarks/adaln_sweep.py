@@ -39,7 +39,7 @@ SMS = 132  # H100 SXM and H200: the backward's grid is sized by the SM count
 BF16, FP32 = "*bf16", "*fp32"
 
 
-def tilings(C, N):
+def candidates(C, N):
     """Backward tilings to try (the forward stays at launch_config's choice), today's first."""
     today = adaln.launch_config(C, N, backward=True)
     found = [today]
@@ -81,7 +81,7 @@ def time_candidate(timer, shape, gated, launch, nbytes, inputs, grads, fn):
     return ms, nbytes / (ms * 1e-3)
 
 
-def compiled_offline(shapes, kinds, candidates):
+def compiled_offline(shapes, kinds, max_tilings):
     """Static rows of a child process that compiles for sm_90 without the interpreter:
     {(kernel, shape, launch as a tuple): row}."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +90,7 @@ def compiled_offline(shapes, kinds, candidates):
         kind_names = ",".join("gated" if gated else "plain" for gated in kinds)
         (B, N), widths = shapes[0][:2], ",".join(str(s[2]) for s in shapes)
         subprocess.run([sys.executable, os.path.abspath(__file__), "--offline", "--out", out, "--candidates",
-                        str(candidates), "--widths", widths, "--kinds", kind_names, "--batch-tokens", f"{B},{N}"],
+                        str(max_tilings), "--widths", widths, "--kinds", kind_names, "--batch-tokens", f"{B},{N}"],
                        env=env, check=True, stdout=subprocess.DEVNULL)
         with open(out) as f:
             rows = json.load(f)["rows"]
@@ -101,7 +101,7 @@ STATIC_KEYS = ("registers", "stack_bytes", "shared_bytes", "blocks_per_sm", "war
                "error")
 
 
-def sweep(out_path, shapes, offline, kinds, compiled=True, candidates=None, rehearse=False):
+def sweep(out_path, shapes, offline, kinds, compiled=True, max_tilings=None, rehearse=False):
     cuda = (torch.cuda.is_available() and not offline) or rehearse
     report = {"timed": cuda, "arch": "sm_90", "torch": torch.__version__, "triton": triton.__version__,
               "git_commit": bench._git_commit(),
@@ -111,7 +111,7 @@ def sweep(out_path, shapes, offline, kinds, compiled=True, candidates=None, rehe
         timer, peak = bench._WallTimer(), None
         report.update(device="cpu (rehearsal)", note=bench.REHEARSAL_NOTE, hbm_peak_gbps=None,
                       copy_gbps=bench._copy_bandwidth(timer, numel=2**20) / 1e9, rehearsal=True)
-        static_rows = compiled_offline(shapes, kinds, candidates)
+        static_rows = compiled_offline(shapes, kinds, max_tilings)
     elif cuda:
         timer = bench._Timer(quick=True)
         report["device"] = torch.cuda.get_device_name()
@@ -132,7 +132,7 @@ def sweep(out_path, shapes, offline, kinds, compiled=True, candidates=None, rehe
                 torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit's eager fallback
             inputs, grads, impls, _, nbytes = bench._adaln_case(shape, gated)
             compiled_ms = timer.graph(bench._fwd_bwd(impls["compiled"], inputs, grads)) if compiled else None
-        for i, launch in enumerate(tilings(C, N)[:candidates]):
+        for i, launch in enumerate(candidates(C, N)[:max_tilings]):
             row = {"kernel": kernel, "shape": list(shape), "launch": launch._asdict(), "today": i == 0}
             try:
                 if rehearse:
@@ -211,7 +211,7 @@ def main(argv=None):
         if k not in ("gated", "plain"):
             parser.error(f"--kinds: unknown kind {k!r}; use gated and/or plain")
         kinds.append(k == "gated")
-    sweep(args.out, shapes, args.offline, kinds, compiled=not args.no_compiled, candidates=args.candidates,
+    sweep(args.out, shapes, args.offline, kinds, compiled=not args.no_compiled, max_tilings=args.candidates,
           rehearse=args.rehearse)
     return 0
 
