@@ -12,8 +12,9 @@
 # folder and, after each stage, all of it is packed into OUT_DIR/gpu_check.tar.gz next to
 # OUT_DIR/summary.json (device, commit, each stage's status and headline figures, the GPU
 # goals; benchmarks/gpu_check_summary.py). Two files, rewritten stage by stage, so a check
-# cut off by its lease returns every stage that finished. Unpack and commit them under
-# benchmarks/results/ with the device named (README, "Kernels").
+# cut off by its lease returns every stage that finished (after a SIGTERM, the stage in
+# flight too). Unpack and commit them under benchmarks/results/ with the device named
+# (README, "Kernels").
 # --rehearse runs each stage's Python code on the CPU at the smallest shapes (kernels
 # through the Triton interpreter, a 2-step loop run at DiT-2x64x2/2, one shape per kernel,
 # one tiling in the sweep, one JVP shape) and writes the same two files, marked as a
@@ -133,10 +134,20 @@ pack() {  # the summary, then everything staged into one archive, replaced whole
         echo "WARNING: gpu_check.tar.gz is over 15 MiB; the device returns files of at most 16 MiB"
     fi
 }
-record() {  # NAME RC START: one line of stages.tsv (name, rc, wall s, cap s), then pack
+begin() {  # NAME CAP TITLE: the stage in flight, for record and for a signal
+    CURRENT=$1 CURRENT_CAP=$2 t=$SECONDS
+    echo "== $3 =="
+}
+record() {  # NAME RC START CAP: one line of stages.tsv (name, rc, wall s, cap s), then pack
     printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$((SECONDS - $3))" "$4" >>"$STAGE/stages.tsv"
+    CURRENT=""
     pack
 }
+# Stopped from outside (SIGTERM, e.g. a lease ending): bash runs this once the stage in
+# flight has ended (its processes lose their output pipe with the script), then packs what
+# that stage wrote too.
+CURRENT=""
+trap 'echo "stopped: packing what the stages wrote"; [ -z "$CURRENT" ] || record "$CURRENT" "stopped: the check was signalled" "$t" "$CURRENT_CAP"; exit 143' TERM INT
 
 if [ "$REHEARSE" = 1 ]; then
     # one quick test per kernel file: collecting all six imports every kernel module
@@ -154,13 +165,11 @@ else
 fi
 [ -n "${TESTS:-}" ] && read -r -a TEST_ARGS <<<"$TESTS"
 
-echo "== 1/6 kernel correctness =="
-t=$SECONDS
+begin tests "$TEST_S" "1/6 kernel correctness"
 timeout "$TEST_S" python3 -m pytest -q -p no:cacheprovider "${TEST_ARGS[@]}" 2>&1 | tee "$STAGE/gpu_tests.log" | tail -15
 record tests "${PIPESTATUS[0]}" $t "$TEST_S"
 
-echo "== 2/6 the training loop: flowpre train, DeepSpeed, bf16, ZeRO-2/3, synthetic ImageNet latents =="
-t=$SECONDS
+begin train_loop "$LOOP_S" "2/6 the training loop: flowpre train, DeepSpeed, bf16, ZeRO-2/3, synthetic ImageNet latents"
 if [ "$LOOP_READY" = 1 ]; then
     # --budget leaves the script time to stop its last run and write; timeout is the backstop
     timeout "$LOOP_S" python3 benchmarks/train_loop.py --out "$STAGE/train_loop.json" --work "$WORK" \
@@ -172,26 +181,23 @@ else
     record train_loop "skipped: deepspeed, webdataset or pydantic does not import (env.json)" $t "$LOOP_S"
 fi
 
-echo "== 3/6 kernel benchmarks =="
-t=$SECONDS
+begin kernels "$BENCH_S" "3/6 kernel benchmarks"
 timeout "$BENCH_S" "${INTERPRET[@]}" python3 -m kernels.bench --out "$STAGE/kernels.json" $REHEARSE_FLAG \
     ${BENCH_FLAGS:-} 2>&1 | tee "$STAGE/bench.log"
 record kernels "${PIPESTATUS[0]}" $t "$BENCH_S"
 
-echo "== 4/6 adaLN backward tiling sweep =="
-t=$SECONDS
+begin adaln_sweep "$SWEEP_S" "4/6 adaLN backward tiling sweep"
 timeout "$SWEEP_S" "${INTERPRET[@]}" python3 benchmarks/adaln_sweep.py --out "$STAGE/adaln_sweep.json" $REHEARSE_FLAG \
     ${SWEEP_FLAGS:---widths 1152 --kinds gated --no-compiled} 2>&1 | tee "$STAGE/adaln_sweep.log"
 record adaln_sweep "${PIPESTATUS[0]}" $t "$SWEEP_S"
 
-echo "== 5/6 bare DiT step (no DeepSpeed, EMA or data) =="
-t=$SECONDS
+begin train_throughput "$TRAIN_S" "5/6 bare DiT step (no DeepSpeed, EMA or data)"
 timeout "$TRAIN_S" "${INTERPRET[@]}" python3 benchmarks/train_throughput.py $THROUGHPUT_ARGS $REHEARSE_FLAG \
     --out "$STAGE/train_throughput.json" 2>&1 | tee "$STAGE/train_throughput.log"
 record train_throughput "${PIPESTATUS[0]}" $t "$TRAIN_S"
 
-echo "== 6/6 forward-mode attention: the fused JVP kernel against torch.func.jvp on the math path =="
-t=$SECONDS  # without CUDA (the rehearsal) the script runs its one-shape interpreter smoke check
+# without CUDA (the rehearsal) the script runs its one-shape interpreter smoke check
+begin attention_jvp "$JVP_S" "6/6 forward-mode attention: the fused JVP kernel against torch.func.jvp on the math path"
 timeout "$JVP_S" python3 benchmarks/attention_jvp.py --quick --out "$STAGE/attention_jvp.json" 2>&1 \
     | tee "$STAGE/attention_jvp.log"
 record attention_jvp "${PIPESTATUS[0]}" $t "$JVP_S"

@@ -7,9 +7,11 @@ import io
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +265,25 @@ def test_summary_names_each_stage_s_failure_and_judges_the_goals(tmp_path):
     assert "summary error: KeyError" in summary["stages"]["train_loop"]["status"]
     assert summary["stages"]["kernels"]["status"].startswith("timeout") and summary["rehearsal"]
     assert all(g["met"] is None for g in summary["goals"].values())
+
+
+def test_a_signalled_check_still_returns_what_it_wrote(tmp_path):
+    """SIGTERM to the check's process group (a lease ending) during its first stage: the
+    stage's log is packed, its status says it was stopped, and nothing is left behind."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TESTS")}
+    env["TMPDIR"] = str(tmp_path)
+    check = subprocess.Popen(["bash", "launchers/gpu_check.sh", "--rehearse", str(tmp_path / "out")], cwd=ROOT,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob("gpu_check.*/gpu_tests.log")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(check.pid, signal.SIGTERM)
+    stdout = check.communicate(timeout=300)[0].decode()
+    assert check.returncode == 143 and "stopped: packing what the stages wrote" in stdout, stdout[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.tar.gz", "summary.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["stages"]["tests"]["status"] == "stopped: the check was signalled"
+    assert all(s["status"].startswith("not run") for k, s in summary["stages"].items() if k != "tests")
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        assert {"./gpu_tests.log", "./env.json", "./summary.json"} <= set(tar.getnames())
+    assert not list(tmp_path.glob("gpu_check*"))
