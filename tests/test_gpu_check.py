@@ -87,6 +87,9 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
         assert lint.returncode == 0, lint.stdout
 
 
+# what narrows the stages (gpu_check.sh's header): a caller's settings must not change the rehearsal
+STAGE_ENV = ("TRITON_INTERPRET", "TESTS", "LOOP_FLAGS", "BENCH_FLAGS", "FLOWPRE_BENCH_ATTN", "SWEEP_FLAGS",
+             "THROUGHPUT_MODELS", "OUT")
 STAGE_FILES = {"tests": ["gpu_tests.log"], "train_loop": ["train_loop.json", "train_loop.log"],
                "kernels": ["kernels.json", "bench.log"], "adaln_sweep": ["adaln_sweep.json", "adaln_sweep.log"],
                "train_throughput": ["train_throughput.json", "train_throughput.log"],
@@ -97,7 +100,7 @@ STAGE_FILES = {"tests": ["gpu_tests.log"], "train_loop": ["train_loop.json", "tr
 def rehearsal(tmp_path_factory):
     """`gpu_check.sh --rehearse OUT` once (about 2 minutes on 2 cores), unpacked."""
     tmp = tmp_path_factory.mktemp("rehearsal")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TESTS", "LOOP_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in STAGE_ENV}
     env["TMPDIR"] = str(tmp)  # the staging folders, which must be gone afterwards
     done = subprocess.run(["bash", "launchers/gpu_check.sh", "--rehearse", str(tmp / "out")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -270,7 +273,7 @@ def test_summary_names_each_stage_s_failure_and_judges_the_goals(tmp_path):
 def test_a_signalled_check_still_returns_what_it_wrote(tmp_path):
     """SIGTERM to the check's process group (a lease ending) during its first stage: the
     stage's log is packed, its status says it was stopped, and nothing is left behind."""
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TESTS")}
+    env = {k: v for k, v in os.environ.items() if k not in STAGE_ENV}
     env["TMPDIR"] = str(tmp_path)
     check = subprocess.Popen(["bash", "launchers/gpu_check.sh", "--rehearse", str(tmp_path / "out")], cwd=ROOT,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -287,3 +290,17 @@ def test_a_signalled_check_still_returns_what_it_wrote(tmp_path):
     with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
         assert {"./gpu_tests.log", "./env.json", "./summary.json"} <= set(tar.getnames())
     assert not list(tmp_path.glob("gpu_check*"))
+
+
+def test_rehearsals_without_the_interpreter_say_how_to_start(monkeypatch):
+    """The kernels can only run on a CPU if TRITON_INTERPRET was set before python started."""
+    from flowpre.kernels import bench
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "benchmarks" / "train_throughput.py")
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(SystemExit, match="start python with TRITON_INTERPRET=1"):
+        bench.main(["--rehearse"])
+    with pytest.raises(SystemExit, match="start python with TRITON_INTERPRET=1"):
+        throughput.main(["--rehearse"])
+    assert bench.DEVICE == "cuda"  # nothing was pointed at the CPU
