@@ -112,6 +112,7 @@ def rehearsal(tmp_path_factory):
     return done, tmp, unpacked
 
 
+@pytest.mark.slow  # the rehearsal, shared with the next test: about 2 minutes on 2 cores
 def test_rehearsal_runs_every_stage_and_returns_two_files(rehearsal):
     done, tmp, unpacked = rehearsal
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
@@ -129,6 +130,7 @@ def test_rehearsal_runs_every_stage_and_returns_two_files(rehearsal):
     assert summary["stages"]["tests"]["figures"]["passed"] >= 6 and "failed" not in summary["stages"]["tests"]["figures"]
 
 
+@pytest.mark.slow
 def test_rehearsal_reaches_each_stage_s_gpu_rows(rehearsal):
     """Each stage's JSON holds the rows its GPU run would, at the rehearsal's shapes, free of errors."""
     _, _, unpacked = rehearsal
