@@ -42,8 +42,6 @@ def test_guided_target_in_closed_form(name, w, k):
     want = v_tilde - col(tt - r) * net.dudt(z, tt, r, v_tilde)
     tol = 1e-6 if name == "meanflow" else 1e-5
     torch.testing.assert_close(t.target[jump], want[jump], atol=tol, rtol=tol)
-    # the guided field's fixed point: kept FM targets average to u_u + w (u_c - u_u) when u_c is the
-    # conditional mean of v, i.e. (1 - kappa) u = omega v_c + (1 - omega - kappa) u_u  => u = u_u + w (v_c - u_u)
     n_jump, B = int(jump.sum()), len(tt)
     extra = (B * (1 + (k > 0)) if w != 1 else 0) + 2 * n_jump
     assert float(t.info["extra_forward_images"]) == extra
@@ -135,6 +133,37 @@ def test_curriculum_drives_the_objective_as_a_pure_function_of_the_step():
     assert torch.equal(again.target, mid.target) and torch.equal(again.sigma_next, mid.sigma_next)
     end = at(None)
     assert int((end.group == SC).sum()) == 100 and float(end.info["max_jump"]) == 1
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from flowpre.data.shards import write_shards
+
+    out = tmp_path_factory.mktemp("digits")
+    write_shards("digits", out, shard_size=200, split="train", limit=400)
+    return str(out / "train-*.tar")
+
+
+def test_curriculum_is_logged_and_resumes_exactly(tmp_path, digits):
+    """6 steps straight == 3 steps, resume, 3 more: the same schedule in metrics.jsonl and the same losses."""
+    from helpers import metrics, train
+
+    common = ["objective.name=meanflow_fd", "model.time_inputs=2", "objective.curriculum=true",
+              "objective.curriculum_warmup=0.2", "objective.curriculum_ramp=0.5", "train.checkpoint_every=3",
+              "objective.fm_fraction=0.5"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(straight, digits, "train.max_steps=6", *common)
+    train(split, digits, "train.max_steps=3", *common)
+    assert "resumed from" in train(split, digits, "train.max_steps=6", "train.resume=auto", *common).stdout
+    ma, mb = metrics(straight), metrics(split)
+    want = [Curriculum(ObjectiveConfig(name="meanflow_fd", curriculum=True, curriculum_warmup=0.2,
+                                       curriculum_ramp=0.5, fm_fraction=0.5), 6).at(s) for s in range(1, 7)]
+    logged = [(m["jump_share"], m["max_jump"]) for m in ma]
+    assert [v for pair in logged for v in pair] == pytest.approx([v for pair in want for v in pair])
+    assert want[0] == (0, 0) and want[-1] == (0.5, 1) and 0 < want[2][0] < 0.5  # warm-up, ramp, end
+    assert [m["step"] for m in mb] == list(range(1, 7))
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+    assert [m["jump_share"] for m in ma] == [m["jump_share"] for m in mb]
 
 
 def test_curriculum_config_is_checked():
