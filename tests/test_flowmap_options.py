@@ -145,25 +145,27 @@ def digits(tmp_path_factory):
 
 
 def test_curriculum_is_logged_and_resumes_exactly(tmp_path, digits):
-    """6 steps straight == 3 steps, resume, 3 more: the same schedule in metrics.jsonl and the same losses."""
+    """A 6-step run logs the schedule; a second run resumed from its step-3 checkpoint (same
+    train.max_steps, so the same schedule) repeats steps 4-6 exactly: schedule and losses."""
     from helpers import metrics, train
 
     common = ["objective.name=meanflow_fd", "model.time_inputs=2", "objective.curriculum=true",
               "objective.curriculum_warmup=0.2", "objective.curriculum_ramp=0.5", "train.checkpoint_every=3",
-              "objective.fm_fraction=0.5"]
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(straight, digits, "train.max_steps=6", *common)
-    train(split, digits, "train.max_steps=3", *common)
-    assert "resumed from" in train(split, digits, "train.max_steps=6", "train.resume=auto", *common).stdout
-    ma, mb = metrics(straight), metrics(split)
+              "objective.fm_fraction=0.5", "train.max_steps=6"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, digits, *common)
+    ckpt = straight / "checkpoints" / "step000000003"
+    assert ckpt.is_dir()
+    assert "resumed from" in train(resumed, digits, f"train.resume={ckpt}", *common).stdout
+    ma, mb = metrics(straight), metrics(resumed)
     want = [Curriculum(ObjectiveConfig(name="meanflow_fd", curriculum=True, curriculum_warmup=0.2,
                                        curriculum_ramp=0.5, fm_fraction=0.5), 6).at(s) for s in range(1, 7)]
     logged = [(m["jump_share"], m["max_jump"]) for m in ma]
     assert [v for pair in logged for v in pair] == pytest.approx([v for pair in want for v in pair])
     assert want[0] == (0, 0) and want[-1] == (0.5, 1) and 0 < want[2][0] < 0.5  # warm-up, ramp, end
-    assert [m["step"] for m in mb] == list(range(1, 7))
-    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
-    assert [m["jump_share"] for m in ma] == [m["jump_share"] for m in mb]
+    assert [m["step"] for m in mb] == [4, 5, 6]
+    assert [(m["loss"], m["jump_share"], m["max_jump"]) for m in mb] == \
+        [(m["loss"], m["jump_share"], m["max_jump"]) for m in ma[3:]]
 
 
 def test_curriculum_config_is_checked():
