@@ -97,7 +97,7 @@ class MeanFlow:
         if max_jump < 1:
             r = t - max_jump * (t - r)
         perm = torch.randperm(B, device=device, generator=generator)
-        n_fm = B - round(B * share)
+        n_fm = round(B * (1 - share))  # = round(B * fm_fraction) off the curriculum, as before it
         r = r.index_copy(0, perm[:n_fm], t[perm[:n_fm]])
         return t, r, perm[n_fm:], share, max_jump
 
