@@ -22,7 +22,14 @@ extra run, `NAME=OBJECTIVE:key=value,key=value` (config overrides on that object
 file), reported beside the others; an --ablation is the same at the first seed only (the
 page gives each row's seed count). METHOD.md section 6's goals are checked for every SCFM
 group and issue 12's flow-map goals for every JVP-free group (scfm, meanflow_fd), against
-the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM).
+the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM);
+--goals round2 judges issue 23's instead.
+
+Sampler CFG (--fm-cfg 1,1.5,2,3): flow matching is scored at every scale on the train split of
+its first seed's run, the scale is picked per step count by FD there, and --split is scored at
+the picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
+it is reported on. Every other objective samples at cfg 1 (one forward per step; a model
+trained with guidance in its target has it in its weights). Each row on the page shows its CFG.
 """
 from __future__ import annotations
 
