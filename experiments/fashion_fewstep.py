@@ -22,7 +22,14 @@ extra run, `NAME=OBJECTIVE:key=value,key=value` (config overrides on that object
 file), reported beside the others; an --ablation is the same at the first seed only (the
 page gives each row's seed count). METHOD.md section 6's goals are checked for every SCFM
 group and issue 12's flow-map goals for every JVP-free group (scfm, meanflow_fd), against
-the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM).
+the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM);
+--goals round2 judges issue 23's instead.
+
+Sampler CFG (--fm-cfg 1,1.5,2,3): flow matching is scored at every scale on the train split of
+its first seed's run, the scale is picked per step count by FD there, and --split is scored at
+the picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
+it is reported on. Every other objective samples at cfg 1 (one forward per step; a model
+trained with guidance in its target has it in its weights). Each row on the page shows its CFG.
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ import sys
 import time
 from pathlib import Path
 
-from fewstep_report import aggregate, check_goals, plot, write_markdown
+from fewstep_report import GOAL_SETS, aggregate, check_goals, plot, plot_trend, write_markdown
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("fm", "scfm", "shortcut", "meanflow", "meanflow_fd")
@@ -105,6 +112,18 @@ def train_flops(run_dir, cfg_overrides, config):
             "train_img_per_s": sum(speeds) / len(speeds) if speeds else None, "model": m.name}
 
 
+def cells(run_dir, split):
+    """{(cfg, steps): scores} from every eval file of a run on `split` (files before --cfg lists: cfg 1)."""
+    out = {}
+    for f in sorted(Path(run_dir).glob(f"eval_{split}_*.json")):
+        e = json.loads(f.read_text())
+        by_cfg = e.get("results_by_cfg") or {f"{float(e.get('cfg', 1.0)):g}": e["results"]}
+        for c, res in by_cfg.items():
+            for s, r in res.items():
+                out.setdefault((float(c), int(s)), {}).update(r)
+    return out
+
+
 def run_one(name, objective, overrides, args, scale, log, seed=0):
     """Train (train.seed = seed) and evaluate (noise seed --seed + seed) one run; seed 0 keeps the plain name."""
     run_dir = Path(args.runs) / (name if seed == 0 else f"{name}_s{seed}")
@@ -121,39 +140,65 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
         record.write_text(json.dumps({"wall_s": wall, "overrides": overrides}, indent=2))
     train = {**json.loads(record.read_text()), **train_flops(run_dir, overrides, config)}
     weights = run_dir / "model.safetensors"
-    common = ["--weights", weights, "--reference", f"fashion-mnist:{args.split}", "--num-samples", scale["num_samples"],
-              "--batch-size", scale["batch_size"], "--seed", args.seed + seed, "--shift", 1.0, "--cfg", 1.0]
-    # One eval file per call, named by split, metric and steps; only step counts that no file
-    # of the run has scored on this split yet are evaluated (an ablation can add steps).
-    def scored(kind):
-        return {int(k) for f in run_dir.glob(f"eval_{args.split}_{kind}_*.json")
-                for k in json.loads(f.read_text())["results"]}
+    common = ["--weights", weights, "--num-samples", scale["num_samples"], "--batch-size", scale["batch_size"],
+              "--seed", args.seed + seed, "--shift", 1.0]
 
-    fid_steps = [s for s in args.steps if s in args.fid_steps and s not in scored("fd_fid")]
-    plain_steps = [s for s in args.steps if s not in args.fid_steps and s not in scored("fd") | scored("fd_fid")]
-    for tag, steps, extra in (("fd", plain_steps, ["--metric", "fd"]),
-                              ("fd_fid", fid_steps, ["--metric", "fd,fid", "--fid-samples", scale["fid_samples"]]
-                               + (["--ref-count", scale["ref_count"]] if scale["ref_count"] else []))):
-        if steps:
-            out = run_dir / f"eval_{args.split}_{tag}_{'-'.join(map(str, steps))}.json"
-            wall = flowpre("eval", *common, "--steps", ",".join(map(str, steps)), *extra, "--out", out, log=log)
-            saved = json.loads(out.read_text())
-            saved["wall_s"] = wall
-            out.write_text(json.dumps(saved, indent=2))
+    def evaluate(split, wanted, fid=True):
+        """Score the (cfg, steps) cells of `wanted` ({cfg: [steps]}) that no eval file of the run on
+        `split` holds yet: one file per call, named by split, cfg (when not 1), metric and steps."""
+        for c, steps in wanted.items():
+            have = cells(run_dir, split)
+            fid_steps = [s for s in steps if fid and s in args.fid_steps and "fid" not in have.get((c, s), {})]
+            plain_steps = [s for s in steps if s not in fid_steps and "fd" not in have.get((c, s), {})]
+            for tag, todo, extra in (("fd", plain_steps, ["--metric", "fd"]),
+                                     ("fd_fid", fid_steps, ["--metric", "fd,fid", "--fid-samples", scale["fid_samples"]]
+                                      + (["--ref-count", scale["ref_count"]] if scale["ref_count"] else []))):
+                if not todo:
+                    continue
+                if not weights.exists():  # a committed record without its weights: keep the cells it has
+                    log(f"{run_dir.name}: no weights, cannot score cfg {c:g} at steps {todo} on {split}; skipped")
+                    continue
+                out = run_dir / f"eval_{split}{'' if c == 1 else f'_cfg{c:g}'}_{tag}_{'-'.join(map(str, todo))}.json"
+                wall = flowpre("eval", *common, "--reference", f"fashion-mnist:{split}", "--cfg", c,
+                               "--steps", ",".join(map(str, todo)), *extra, "--out", out, log=log)
+                saved = json.loads(out.read_text())
+                saved["wall_s"] = wall
+                out.write_text(json.dumps(saved, indent=2))
+
+    # Sampler CFG: flow matching is scored at every --fm-cfg scale on the train split of its first
+    # seed's run, the scale with the lowest FD is picked per step count, and --split is scored at
+    # the picks only (the yardstick must not be tuned on the split it is reported on). Every other
+    # objective samples at cfg 1: one forward per step (guidance, if any, is in its weights).
+    picks, grid = {s: 1.0 for s in args.steps}, None
+    if objective == "fm" and args.fm_cfg != [1.0]:
+        pick_dir = Path(args.runs) / (name if args.seeds[0] == 0 else f"{name}_s{args.seeds[0]}")
+        if pick_dir == run_dir:
+            evaluate("train", {c: list(args.steps) for c in args.fm_cfg}, fid=False)  # the pick is by FD
+        train_cells = cells(pick_dir, "train")
+        grid = {f"{c:g}": {s: train_cells.get((c, s), {}).get("fd") for s in args.steps} for c in args.fm_cfg}
+        for s in args.steps:
+            scored = [(train_cells[(c, s)]["fd"], c) for c in args.fm_cfg if "fd" in train_cells.get((c, s), {})]
+            if len(scored) < len(args.fm_cfg):
+                raise SystemExit(f"{run_dir.name}: the CFG pick needs {pick_dir.name} scored on the train split at "
+                                 f"cfg {args.fm_cfg} and {s} steps; run seed {args.seeds[0]} first")
+            picks[s] = min(scored)[1]
+    wanted = {}
+    for s in args.steps:
+        wanted.setdefault(picks[s], []).append(s)
+    evaluate(args.split, wanted)
     evals = {f.stem: json.loads(f.read_text()) for f in sorted(run_dir.glob(f"eval_{args.split}_*.json"))}
-    results = {}
-    for e in evals.values():
-        for s, r in e["results"].items():
-            if int(s) in args.steps:
-                results.setdefault(int(s), {}).update(r)
+    have = cells(run_dir, args.split)
+    results = {s: {**have[(picks[s], s)], "cfg": picks[s]} for s in args.steps if (picks[s], s) in have}
     meta = next((e for e in evals.values() if "fid" in e["metrics"]), next(iter(evals.values()), {}))
+    target_guidance = meta.get("target_guidance", 1.0)
     return {"name": run_dir.name, "group": name, "seed": seed, "objective": objective,
             "config": str(config.relative_to(ROOT)), "overrides": overrides,
             "train": train, "eval_wall_s": sum(e.get("wall_s", 0) for e in evals.values()),
             "eval": {"num_samples": scale["num_samples"], "fid_samples": meta.get("fid_samples"),
                      "fid_reference_count": meta.get("reference_count"), "reference": f"fashion-mnist:{args.split}",
-                     "shift": 1.0, "cfg": 1.0, "seed": args.seed + seed, "classifier_test_accuracy":
-                     meta.get("classifier_test_accuracy")},
+                     "shift": 1.0, "cfg": {s: picks[s] for s in args.steps}, "cfg_picked_on": grid and "train",
+                     "cfg_train_fd": grid, "target_guidance": target_guidance, "seed": args.seed + seed,
+                     "classifier_test_accuracy": meta.get("classifier_test_accuracy")},
             "results": {s: results[s] for s in sorted(results)}}
 
 
@@ -168,6 +213,9 @@ def main(argv=None):
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--fid-steps", default="1,4,128")
     p.add_argument("--no-fid", action="store_true", help="FD only for runs not yet evaluated (quick ablations)")
+    p.add_argument("--fm-cfg", default="1", help="sampler CFG scales for flow matching, e.g. 1,1.5,2,3: picked per "
+                   "step count on the train split of the first seed's run, then scored on --split at the pick")
+    p.add_argument("--goals", choices=sorted(GOAL_SETS), default="issue12", help="which flow-map goals the page judges")
     p.add_argument("--seed", type=int, default=0, help="evaluation noise seed (plus the training seed)")
     p.add_argument("--seeds", default="0", help="training seeds, e.g. 0,1: every run once per seed; tables "
                                                 "show the mean and standard deviation over them")
@@ -182,14 +230,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     from flowpre.arguments import parse_steps
 
+    from flowpre.arguments import parse_scales
+
     args.steps, args.fid_steps = parse_steps(args.steps), [] if args.no_fid else parse_steps(args.fid_steps)
+    args.fm_cfg = parse_scales(args.fm_cfg)
     os.chdir(ROOT)
     log = lambda msg: print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
     if not (Path(args.data) / "dataset.json").exists():
         flowpre("shards", "--source", "fashion-mnist", "--out", args.data, log=log)
     scale = SCALES[args.scale]
     jobs = [(o, o, [], True) for o in args.objectives.split(",") if o] + args.jobs
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    seeds = args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     began, runs = time.time(), []
     for seed, name, objective, overrides in schedule(jobs, seeds):
         runs.append(run_one(name, objective, overrides, args, scale, log, seed))
@@ -200,13 +251,16 @@ def main(argv=None):
                "scale": args.scale, "split": args.split, "steps": args.steps, "fid_steps": args.fid_steps, "commit": commit,
                "date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU, torch "
                + __import__("torch").__version__, "wall_s_this_invocation": time.time() - began,
-               "seeds": seeds, "runs": runs, "groups": groups, "goals": check_goals(groups),
+               "seeds": seeds, "runs": runs, "groups": groups, "goals": check_goals(groups, args.goals),
+               "goal_set": args.goals, "fm_cfg": args.fm_cfg,
                "notes": Path(args.notes).read_text() if args.notes else None}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_markdown(out / f"{args.name}.md", summary)
     plot(out / f"{args.name}.png", summary)
+    if plot_trend(out / f"{args.name}_trend.png", summary):
+        log(f"wrote {out}/{args.name}_trend.png (yardstick against images seen)")
     log(f"wrote {out}/{args.name}.{{json,md,png}}")
     print((out / f"{args.name}.md").read_text())
 

@@ -4,7 +4,9 @@ A run is one (name, seed); a group is a name over its seeds. Every number on the
 the mean over the group's seeds, with the sample standard deviation beside it when there
 is more than one seed. The flow-map yardstick (METHOD.md section 8) is computed per seed,
 against flow matching of the same seed and the same number of trained images, before
-averaging: FD at k steps / the best FD that flow matching reaches at any step count.
+averaging: FD at k steps / the best FD that flow matching reaches at any step count (and, when
+flow matching was scored over sampler CFG scales, at the scale picked per step count on the
+train split: the lowest FD of any flow-matching row over step counts and CFG).
 """
 from __future__ import annotations
 
@@ -24,6 +26,14 @@ FLOWMAP_GOALS = [
     ("128-step FD <= 1.05 x FM's 128-step FD", lambda g, f: g["fd"][128]["mean"] / f["fd"][128]["mean"], 1.05),
     ("training FLOPs per image <= 1.35 x FM's", lambda g, f: g["flops_per_image"] / f["flops_per_image"], 1.35),
 ]
+# issue 23 (round 2), against the CFG-tuned flow-matching best; the compute trend is judged apart
+ROUND2_GOALS = [
+    ("1-step FD <= 1.2 x FM's best FD", lambda g, f: g["yardstick"][1]["mean"], 1.2),
+    ("2-step FD <= 1.0 x FM's best FD", lambda g, f: g["yardstick"][2]["mean"], 1.0),
+    ("128-step FD <= 1.05 x FM's 128-step FD", lambda g, f: g["fd"][128]["mean"] / f["fd"][128]["mean"], 1.05),
+    ("training FLOPs per image <= 1.5 x FM's", lambda g, f: g["flops_per_image"] / f["flops_per_image"], 1.5),
+]
+GOAL_SETS = {"issue12": FLOWMAP_GOALS, "round2": ROUND2_GOALS}
 JVP_FREE = ("scfm", "meanflow_fd")  # the objectives the flow-map goals judge (shortcut is the baseline)
 YARDSTICK_STEPS = (1, 2)
 
@@ -78,7 +88,23 @@ def _means(group, metric="fd"):
     return {s: v["mean"] for s, v in group[metric].items() if v}
 
 
-def check_goals(groups):
+def trend_stem(name):
+    """A group's name without its length suffix (`pick_3k`, `pick_12k` -> `pick`): groups of one
+    stem are the same configuration trained for different lengths."""
+    head, _, tail = name.rpartition("_")
+    return head if head and tail.endswith("k") and tail[:-1].replace(".", "", 1).isdigit() else name
+
+
+def trends(groups):
+    """{stem: [groups by trained images]} for stems trained at more than one length."""
+    by = {}
+    for g in groups:
+        by.setdefault(trend_stem(g["name"]), []).append(g)
+    return {k: sorted(v, key=lambda g: g["trained_images"]) for k, v in by.items()
+            if len({g["trained_images"] for g in v}) > 1}
+
+
+def check_goals(groups, goal_set="issue12"):
     def baseline(objective, images):  # the group of that objective at equal training length
         same = [g for g in groups if g["objective"] == objective and g["trained_images"] == images]
         return min(same, key=lambda g: g["name"] != objective) if same else None
@@ -95,13 +121,20 @@ def check_goals(groups):
                 out.append({"run": g["name"], "goal": text, "met": met, "kind": "scfm"})
         if g["objective"] in JVP_FREE:
             fm = baseline("fm", g["trained_images"])
-            for text, ratio, limit in FLOWMAP_GOALS:
+            for text, ratio, limit in GOAL_SETS[goal_set]:
                 try:
                     value = ratio(g, fm) if fm else None
                 except (KeyError, TypeError):  # a step count or the yardstick is missing
                     value = None
                 out.append({"run": g["name"], "goal": text, "met": None if value is None else value <= limit,
-                            "value": value, "kind": "flowmap"})
+                            "value": value, "limit": limit, "kind": "flowmap"})
+    if goal_set == "round2":  # the 1-step ratio may not grow with training
+        for stem, chain in trends(groups).items():
+            if chain[0]["objective"] in JVP_FREE and all(g["yardstick"].get(1) for g in (chain[0], chain[-1])):
+                short, long = chain[0]["yardstick"][1]["mean"], chain[-1]["yardstick"][1]["mean"]
+                out.append({"run": chain[-1]["name"], "goal": f"1-step ratio at {chain[-1]['trained_images']} images "
+                            f"<= at {chain[0]['trained_images']} ({short:.3f}x)", "met": long <= short, "value": long,
+                            "kind": "flowmap"})
     return out
 
 
@@ -126,13 +159,27 @@ def write_markdown(path, summary):
              f"commit {summary['commit']}). Lower FD/FID is better. Training seeds: {', '.join(map(str, seeds))}"
              f"{spread}.", "",
              f"## FD (classifier features, {summary['split']} split, {runs0['eval']['num_samples']} samples per cell)",
-             "", "| objective | seeds | " + " | ".join(f"{s}" for s in steps) + " | 1-step / FM best | 2-step / FM best |",
-             "|---|---:|" + "---:|" * (len(steps) + 2)]
+             "", "| objective | seeds | sampler CFG | " + " | ".join(f"{s}" for s in steps)
+             + " | 1-step / FM best | 2-step / FM best |", "|---|---:|---|" + "---:|" * (len(steps) + 2)]
     for g in groups:
-        lines.append(f"| {g['name']} | {len(g['seeds'])} | " + " | ".join(cell(g["fd"].get(s)) for s in steps) + " | "
+        lines.append(f"| {g['name']} | {len(g['seeds'])} | {cfg_label(g, summary['runs'], steps)} | "
+                     + " | ".join(cell(g["fd"].get(s)) for s in steps) + " | "
                      + " | ".join(cell(g["yardstick"].get(k), 2) for k in YARDSTICK_STEPS) + " |")
     lines += ["", "The last two columns are METHOD.md section 8's yardstick: FD at 1 (2) steps over the lowest FD "
-                  "flow matching reaches at any step count, per seed, at the same number of trained images."]
+                  "flow matching reaches at any step count (and CFG scale, where it was swept), per seed, at the "
+                  "same number of trained images. Sampler CFG: the scale each row was sampled at; one value per "
+                  "step count (in the order of the columns) where it was picked per step count on the train split, "
+                  "and 'w in target' for a model trained with guidance in its target, sampled at cfg 1 with one "
+                  "forward per step."]
+    chains = trends(groups)
+    if chains:
+        lines += ["", "## The yardstick against training length", "",
+                  "| configuration | " + " | ".join(f"{k}-step / FM best at {g['trained_images']} images"
+                                                   for g in next(iter(chains.values())) for k in YARDSTICK_STEPS) + " |",
+                  "|---|" + "---:|" * (len(YARDSTICK_STEPS) * len(next(iter(chains.values()))))]
+        for stem, chain in chains.items():
+            lines.append(f"| {stem} | " + " | ".join(cell(g["yardstick"].get(k), 2) for g in chain
+                                                     for k in YARDSTICK_STEPS) + " |")
     fid_steps = [s for s in steps if any(g["fid"].get(s) for g in groups)]
     if fid_steps:
         lines += ["", f"## FID (InceptionV3, first {runs0['eval']['fid_samples']} of the same samples, against "
@@ -159,7 +206,9 @@ def write_markdown(path, summary):
                      f"{fmt(statistics.fmean(speeds) if speeds else None)} | "
                      f"{statistics.fmean(r['train']['wall_s'] for r in members) / 60:.1f} min | "
                      f"{statistics.fmean(r['eval_wall_s'] for r in members) / 60:.1f} min |")
-    for kind, title in (("scfm", "Goals (METHOD.md section 6)"), ("flowmap", "Flow-map goals (issue 12, seed means)")):
+    flowmap_title = ("Flow-map goals (issue 23, seed means, against the CFG-tuned FM best)"
+                     if summary.get("goal_set") == "round2" else "Flow-map goals (issue 12, seed means)")
+    for kind, title in (("scfm", "Goals (METHOD.md section 6)"), ("flowmap", flowmap_title)):
         judged = [g for g in summary["goals"] if g["kind"] == kind]
         if not judged:
             continue
@@ -167,7 +216,8 @@ def write_markdown(path, summary):
         for g in judged:
             if g["met"] is not None:
                 goal = (g["goal"].replace("SCFM", g["run"], 1) if kind == "scfm"
-                        else f"{g['run']}: {g['goal']} (measured {g['value']:.3f}x)")
+                        else f"{g['run']}: {g['goal']} (measured {g['value']:.3f}x"
+                        + (f", by {g['value'] - g['limit']:.3f}" if not g["met"] and "limit" in g else "") + ")")
                 lines.append(f"- {'met' if g['met'] else 'MISSED'}: {goal}")
         unjudged = sum(g["met"] is None for g in judged)
         if unjudged:
@@ -175,6 +225,44 @@ def write_markdown(path, summary):
     if summary.get("notes"):
         lines += ["", summary["notes"].strip()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def cfg_label(group, runs, steps):
+    """How a group was sampled: `1`, the per-step picks `3/3/2/...`, or the guidance in its target."""
+    members = [r for r in runs if r["group"] == group["name"]]
+    scales = [r["eval"].get("cfg", 1.0) for r in members]
+    picks = {str(s): v for c in scales if isinstance(c, dict) for s, v in c.items()}
+    trained = members[0]["eval"].get("target_guidance") or 1.0
+    label = "/".join(f"{picks.get(str(s), 1.0):g}" for s in steps) if len(set(picks.values()) - {1.0}) else "1"
+    return label + (f" (w {trained:g} in target)" if trained != 1.0 else "")
+
+
+def plot_trend(path, summary):
+    """The yardstick against images seen for every configuration trained at several lengths;
+    False (no file) when there is none."""
+    chains = trends(summary["groups"])
+    if not chains:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (stem, chain) in enumerate(chains.items()):
+        for k, style in zip(YARDSTICK_STEPS, ("-", "--")):
+            pts = [(g["trained_images"], g["yardstick"].get(k)) for g in chain if g["yardstick"].get(k)]
+            ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] or 0 for p in pts],
+                        marker="o", capsize=3, linestyle=style, color=f"C{i % 10}", label=f"{stem}, {k} step")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("FD / flow matching's best FD")
+    ax.set_title("Few-step yardstick against training length")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
 
 
 def plot(path, summary):

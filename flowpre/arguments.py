@@ -14,3 +14,18 @@ def parse_steps(text):
     if not steps or min(steps) < 1:
         raise argparse.ArgumentTypeError(f"--steps expects positive integers, got {text!r}")
     return steps
+
+
+def parse_scales(text):
+    """`--cfg 1,1.5,2` (a number, or a list already parsed) -> [1.0, 1.5, 2.0], without repeats."""
+    if isinstance(text, (int, float)):
+        text = str(text)
+    if isinstance(text, (list, tuple)):
+        text = ",".join(str(s) for s in text)
+    try:
+        scales = [float(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--cfg expects comma-separated numbers, got {text!r}")
+    if not scales or min(scales) < 0:
+        raise argparse.ArgumentTypeError(f"--cfg expects non-negative guidance scales, got {text!r}")
+    return list(dict.fromkeys(scales))

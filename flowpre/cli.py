@@ -67,6 +67,10 @@ def cmd_sample(args):
                               max_columns=model.num_classes)[1]
         ids = [args.label] * n if args.label is not None else [i % model.num_classes for i in range(n)]
         cond, null, labels = torch.tensor(ids, device=device), model.null_class, [names[i] for i in ids]
+    if meta.get("target_guidance", 1.0) != 1.0:  # weights.py: the guidance is in the weights already
+        print(f"{args.weights} was trained with guidance {meta['target_guidance']:g} in its target: cfg 1 samples it "
+              f"guided with one forward per step" + (f"; --cfg {args.cfg:g} guides it a second time"
+                                                    if args.cfg != 1.0 else ""))
     noise = seeded_noise((n, C, H, H), args.seed, device)
     rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, null,
                          step_inputs=model.sampling_inputs, time_inputs=model.time_inputs) for s in args.steps]

@@ -85,8 +85,13 @@ class ObjectiveConfig:
     n_weighting: str = _f("uniform", choices=("uniform", "small"))
     shift_min: float = _f(2.5, lo=1e-3)
     shift_max: float = _f(4.5, lo=1e-3)
-    guidance_scale: float = _f(1.0, lo=0.0)  # 1 = no guidance distillation (meanflow: w of its CFG target)
-    guidance_mix: float = _f(0.0, lo=0.0, hi=1.0)  # meanflow's k: share of the conditional velocity in the CFG target
+    # guidance folded into the training target: the effective CFG scale the trained model samples
+    # with at sampler cfg 1 (one forward per step); 1 = none. scfm / shortcut: guided EMA velocities;
+    # meanflow(_fd): MeanFlow's CFG target, omega = guidance_scale * (1 - guidance_mix) (objectives/meanflow.py)
+    guidance_scale: float = _f(1.0, lo=0.0)
+    # meanflow's kappa: share of the student's own conditional velocity in the CFG target (one more
+    # no-grad forward per sample when > 0)
+    guidance_mix: float = _f(0.0, lo=0.0, hi=0.99)
     step_conditioning: bool = _f(False)  # METHOD.md section 7: SCFM with a step-size input (scfm.py)
     teacher: str = _f("")  # distillation mode: a frozen exported .safetensors
     teacher_fraction: float = _f(0.4, lo=0.0, hi=1.0)
@@ -95,6 +100,19 @@ class ObjectiveConfig:
     # and the network that makes its two no-grad forwards
     fd_delta: float = _f(5e-3, lo=1e-6, hi=0.25)
     fd_network: str = _f("student", choices=("student", "ema_fast"))
+    # meanflow(_fd): the tangent of du/dt: v = eps - x (MeanFlow), or predicted = the student's own
+    # no-grad instantaneous velocity u(z, t, t) (iMF; one more forward on the jump share)
+    fd_direction: str = _f("v", choices=("v", "predicted"))
+    # meanflow(_fd): r and t are two sorted draws of the sigma sampler (pair), or r's draw comes from
+    # logit-normal(r_logit_mean, r_logit_std) (logit_normal: with a negative mean, more jumps end near r = 0)
+    r_sampler: str = _f("pair", choices=("pair", "logit_normal"))
+    r_logit_mean: float = _f(-2.0)
+    r_logit_std: float = _f(1.0, lo=0.0)
+    # meanflow(_fd), objectives/curriculum.py: plain flow matching for the first curriculum_warmup of
+    # train.max_steps, then over curriculum_ramp the jump share and the largest jump rise linearly
+    curriculum: bool = _f(False)
+    curriculum_warmup: float = _f(0.1, lo=0.0, hi=1.0)
+    curriculum_ramp: float = _f(0.4, lo=0.0, hi=1.0)
     # Shortcut Models baseline (objectives/shortcut.py)
     bootstrap_fraction: float = _f(0.125, lo=0.0, hi=1.0)
 
@@ -288,6 +306,14 @@ def _validate_together(cfg: Config, source: str):
         cfg.model.jump_scale = 1.0 if meanflow else 1000.0
     if cfg.model.sigma_scale == 0:
         cfg.model.sigma_scale = 1.0 if meanflow else 1000.0
+    for key in ("curriculum", "fd_direction", "r_sampler"):
+        if getattr(cfg.objective, key) != getattr(ObjectiveConfig, key) and not meanflow:
+            raise ConfigError(f"{source}: key 'objective.{key}': implemented for objective.name=meanflow and "
+                              f"meanflow_fd only, got objective.name={cfg.objective.name}")
+    if cfg.objective.curriculum and cfg.objective.curriculum_warmup + cfg.objective.curriculum_ramp > 1:
+        raise ConfigError(f"{source}: key 'objective.curriculum_ramp': curriculum_warmup + curriculum_ramp must be "
+                          f"<= 1 (fractions of train.max_steps), got {cfg.objective.curriculum_warmup} + "
+                          f"{cfg.objective.curriculum_ramp}")
     if cfg.objective.name == "meanflow" and cfg.deepspeed.zero_stage == 3:
         raise ConfigError(f"{source}: key 'deepspeed.zero_stage': objective.name=meanflow takes a JVP through the "
                           "student, and ZeRO-3's parameter hooks are autograd functions without a forward-mode "

@@ -3,6 +3,9 @@
 One safetensors file of plain fp32 tensors whose metadata holds the model config (and the
 dataset's shape and class names), so `flowpre sample` needs nothing else; text models
 record their frozen encoder's local path and max length, and need that folder too.
+`target_guidance` is the CFG scale a model was trained with inside its target
+(objective.guidance_scale; 1 = none): such a model samples guided at sampler cfg 1, one
+forward per step, and a sampler cfg above 1 guides it a second time.
 `flowpre export` writes it from a checkpoint (export.py); sampling, evaluation and
 training (`model.init`, `objective.teacher`) read it back here.
 """
@@ -25,7 +28,8 @@ def save_weights(state, out, meta, weights):
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
     metadata = {"flowpre.model": json.dumps(meta["model"]), "flowpre.dataset": json.dumps(meta.get("dataset", {})),
                 "flowpre.objective": meta.get("objective", ""), "flowpre.step": str(meta["step"]),
-                "flowpre.weights": weights, "flowpre.text_encoder": json.dumps(meta.get("text_encoder"))}
+                "flowpre.weights": weights, "flowpre.text_encoder": json.dumps(meta.get("text_encoder")),
+                "flowpre.target_guidance": str(float(meta.get("target_guidance", 1.0)))}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)
     return Path(out)
@@ -46,6 +50,7 @@ def read_metadata(path, source=""):
     return {"model": json.loads(meta["flowpre.model"]), "dataset": json.loads(meta.get("flowpre.dataset", "{}")),
             "step": int(meta.get("flowpre.step", 0)), "weights": meta.get("flowpre.weights", ""),
             "objective": meta.get("flowpre.objective", ""),
+            "target_guidance": float(meta.get("flowpre.target_guidance", "1.0")),  # files before the key: none
             "text_encoder": json.loads(meta.get("flowpre.text_encoder", "null"))}  # text models: path, max_length
 
 

@@ -189,7 +189,7 @@ def test_fid_reference_statistics_are_cached(tmp_path):
 
 # ----------------------------------------------------------------------------- flowpre eval
 
-def _export_tiny(path, in_channels=1, image_size=28):
+def _export_tiny(path, in_channels=1, image_size=28, target_guidance=None):
     from flowpre.models.dit import build_dit
 
     torch.manual_seed(0)
@@ -202,6 +202,8 @@ def _export_tiny(path, in_channels=1, image_size=28):
             "flowpre.dataset": json.dumps({"name": "fashion-mnist", "channels": in_channels,
                                            "height": image_size, "width": image_size, "num_classes": 10}),
             "flowpre.step": "0", "flowpre.weights": "student", "flowpre.objective": "fm"}
+    if target_guidance is not None:
+        meta["flowpre.target_guidance"] = str(target_guidance)
     save_file({k: v.detach().float().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
     return path
 
@@ -229,6 +231,34 @@ def test_eval_end_to_end_fd(tmp_path):
     # Samples depend on the seed only, not on the batch size.
     again = evaluate.run(_args(weights=str(weights), steps="1", batch_size=64), log=lambda *a: None)
     assert again["results"]["1"]["fd"] == pytest.approx(saved["results"]["1"]["fd"], rel=1e-5)
+
+
+def test_eval_cfg_list_scores_every_cell(tmp_path):
+    """--cfg 1,2: every (cfg, steps) cell in results_by_cfg, on the same noise (cfg 1 matches a
+    single-scale run exactly), each with its forwards per sample; bad scales are refused."""
+    weights = _export_tiny(tmp_path / "tiny.safetensors")
+    out = tmp_path / "grid.json"
+    evaluate.run(_args(weights=str(weights), cfg="1,2", out=str(out)), log=lambda *a: None)
+    saved = json.loads(out.read_text())
+    assert saved["cfg_scales"] == [1.0, 2.0] and set(saved["results_by_cfg"]) == {"1", "2"}
+    for scale, cells in saved["results_by_cfg"].items():
+        assert set(cells) == {"1", "2"}
+        for steps, r in cells.items():
+            assert r["cfg"] == float(scale) and np.isfinite(r["fd"])
+            assert r["forwards_per_sample"] == int(steps) * (1 if scale == "1" else 2)
+    assert saved["results"] == saved["results_by_cfg"]["1"]
+    assert saved["results_by_cfg"]["2"]["1"]["fd"] != saved["results_by_cfg"]["1"]["1"]["fd"]  # guidance reaches it
+    single = evaluate.run(_args(weights=str(weights), cfg=2.0), log=lambda *a: None)
+    assert single["cfg"] == 2.0 and single["results"]["2"]["fd"] == pytest.approx(saved["results_by_cfg"]["2"]["2"]["fd"])
+    with pytest.raises(argparse.ArgumentTypeError, match="--cfg"):
+        evaluate.run(_args(weights=str(weights), cfg="1,x"), log=lambda *a: None)
+    # a model trained with guidance in its target: scored at cfg 1, and the log says so
+    guided = _export_tiny(tmp_path / "guided.safetensors", target_guidance=2.0)
+    lines = []
+    res = evaluate.run(_args(weights=str(guided), steps="1", cfg="1,1.5"), log=lines.append)
+    assert res["target_guidance"] == 2.0
+    assert any("guidance 2 in its target: cfg 1 samples it guided, one forward per step" in line
+               and "cfg 1.5 guide it a second time" in line for line in lines)
 
 
 def test_eval_bad_input(tmp_path):

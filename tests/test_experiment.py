@@ -19,10 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_experiment_script_smoke(tmp_path):
     write_shards("fashion-mnist", tmp_path / "data", shard_size=100, split="train", limit=200)
 
-    def experiment(steps):
+    def experiment(steps, *more):
         return subprocess.run([sys.executable, str(ROOT / "experiments" / "fashion_fewstep.py"), "--scale", "smoke",
                                "--objectives", "fm", "--data", str(tmp_path / "data"), "--steps", steps,
-                               "--fid-steps", "1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out")],
+                               "--fid-steps", "1", "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "out"),
+                               *more],
                               capture_output=True, text=True, timeout=900, env=env())
 
     r = experiment("1,2")
@@ -35,7 +36,7 @@ def test_experiment_script_smoke(tmp_path):
     assert run["train"]["train_pflops"] > 0 and run["train"]["objective_overhead"] == 0
     assert all(g["met"] is None for g in summary["goals"])  # scfm/shortcut not run: not judged
     md = (tmp_path / "out" / "fashion_fewstep.md").read_text()
-    assert f"| fm | 1 | {run['results']['1']['fd']:.1f} | {run['results']['2']['fd']:.1f} |" in md
+    assert f"| fm | 1 | 1 | {run['results']['1']['fd']:.1f} | {run['results']['2']['fd']:.1f} |" in md
     assert (tmp_path / "out" / "fashion_fewstep.png").stat().st_size > 10_000
     # a second call with one more step count trains nothing and evaluates only that step count
     stamp = (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime
@@ -45,6 +46,17 @@ def test_experiment_script_smoke(tmp_path):
     assert (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime == stamp
     again = json.loads((tmp_path / "out" / "fashion_fewstep.json").read_text())["runs"][0]["results"]
     assert set(again) == {"1", "2", "4"} and again["1"] == run["results"]["1"]
+    # flow matching over sampler CFG: the sweep on the train split picks the scale per step count,
+    # --split (test) is scored at the pick only, and the page shows the picks
+    r = experiment("1,2", "--fm-cfg", "1,2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "flowpre train" not in r.stdout and "fashion-mnist:train --cfg 2.0" in r.stdout
+    swept = json.loads((tmp_path / "out" / "fashion_fewstep.json").read_text())["runs"][0]
+    grid, picks = swept["eval"]["cfg_train_fd"], swept["eval"]["cfg"]
+    for s in ("1", "2"):
+        assert picks[s] == min((grid[c][s], float(c)) for c in ("1", "2"))[1]
+        assert swept["results"][s]["cfg"] == picks[s]
+    assert sorted(p.name for p in (tmp_path / "runs" / "fm").glob("eval_train_*cfg2*"))
 
 
 def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
@@ -76,13 +88,74 @@ def test_report_over_seeds_means_spread_yardstick_and_goals(tmp_path):
                "machine": "m", "commit": "x", "goals": report.check_goals(groups), "notes": "## Reading\n\nWhy."}
     report.write_markdown(tmp_path / "page.md", summary)
     md = (tmp_path / "page.md").read_text()
-    assert "| mf | 2 | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
+    assert "| mf | 2 | 1 | 54.0 ± 8.5 | 49.5 ± 7.8 | 46.5 ± 7.8 | 1.20 ± 0.00 | 1.10 ± 0.00 |" in md
     assert "- met: mf: 1-step FD <= 1.3 x FM's best FD (measured 1.200x)" in md and md.endswith("## Reading\n\nWhy.\n")
     report.plot(tmp_path / "page.png", summary)
     assert (tmp_path / "page.png").stat().st_size > 10_000
     # a second FM variant (another sigma embedding) that beats the first on seed 0 becomes seed 0's yardstick
     mf = report.aggregate(runs + [run("fm_slow", "fm", 0, {1: 190.0, 128: 30.0})])[1]
     assert mf["yardstick"][1]["values"] == pytest.approx([48.0 / 30.0, 1.2])
+
+
+def test_round2_report_cfg_picks_goals_and_trend(tmp_path):
+    """The round-2 page: FM's best over its CFG-picked cells, every row's CFG, the round-2 goals
+    (with the miss), and the yardstick against training length with its goal and plot."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fewstep_report as report
+
+    def run(group, objective, seed, fd, images=100, cfg=None, guidance=1.0):
+        return {"name": f"{group}_s{seed}", "group": group, "seed": seed, "objective": objective,
+                "results": {s: {"fd": v, "class_accuracy": 0.5} for s, v in fd.items()},
+                "eval": {"num_samples": 8, "fid_samples": None, "fid_reference_count": None,
+                         "cfg": cfg or {s: 1.0 for s in fd}, "target_guidance": guidance},
+                "eval_wall_s": 1.0, "train": {"trained_images": images, "train_pflops": 3e-13 * images / 100,
+                                              "objective_overhead": 0.0, "model": "m", "params_m": 1.0,
+                                              "train_img_per_s": 10.0, "wall_s": 60.0}}
+    picks = {1: 3.0, 2: 2.0, 128: 1.5}
+    runs = [run("fm_3k", "fm", 0, {1: 150.0, 2: 60.0, 128: 30.0}, cfg=picks),
+            run("mf_3k", "meanflow_fd", 0, {1: 42.0, 2: 31.0, 128: 31.0}, guidance=2.0),
+            run("fm_12k", "fm", 0, {1: 140.0, 2: 50.0, 128: 25.0}, images=400, cfg=picks),
+            run("mf_12k", "meanflow_fd", 0, {1: 32.5, 2: 26.0, 128: 25.5}, images=400, guidance=2.0)]
+    groups = report.aggregate(runs)
+    assert [report.trend_stem(g["name"]) for g in groups] == ["fm", "mf", "fm", "mf"]
+    mf3, mf12 = groups[1], groups[3]
+    assert mf3["yardstick"][1]["mean"] == pytest.approx(1.4) and mf12["yardstick"][1]["mean"] == pytest.approx(1.3)
+    goals = report.check_goals(groups, "round2")
+    mine = {g["goal"]: g for g in goals if g["run"] == "mf_3k"}
+    assert not mine["1-step FD <= 1.2 x FM's best FD"]["met"] and not mine["2-step FD <= 1.0 x FM's best FD"]["met"]
+    assert mine["128-step FD <= 1.05 x FM's 128-step FD"]["met"]  # 31 / 30 against FM at its picked scale
+    assert mine["training FLOPs per image <= 1.5 x FM's"]["met"]
+    trend = [g for g in goals if "images" in g["goal"]]
+    assert len(trend) == 1 and trend[0]["met"] and trend[0]["value"] == pytest.approx(1.3)
+    summary = {"groups": groups, "runs": runs, "steps": [1, 2, 128], "split": "test", "command": "c", "date": "d",
+               "machine": "m", "commit": "x", "goals": goals, "goal_set": "round2"}
+    report.write_markdown(tmp_path / "page.md", summary)
+    md = (tmp_path / "page.md").read_text()
+    assert "| fm_3k | 1 | 3/2/1.5 | 150.0 |" in md and "| mf_3k | 1 | 1 (w 2 in target) | 42.0 |" in md
+    assert "- MISSED: mf_3k: 1-step FD <= 1.2 x FM's best FD (measured 1.400x, by 0.200)" in md
+    assert "| mf | 1.40 | 1.03 | 1.30 | 1.04 |" in md  # the yardstick at 100 and at 400 images
+    assert report.plot_trend(tmp_path / "trend.png", summary) and (tmp_path / "trend.png").stat().st_size > 10_000
+    assert not report.plot_trend(tmp_path / "none.png", {**summary, "groups": groups[:2]})
+
+
+def test_round2_stages_are_one_command_each():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fashion_flowmaps2 as round2
+
+    tune = round2.main(["tune", "--dry-run"])
+    variants = [tune[i + 1] for i, a in enumerate(tune) if a == "--variant"]
+    names = [v.split("=")[0] for v in variants]
+    assert {"fm_3k", "meanflow_fd_j1_sig1_3k", "mf_w1.5_3k", "mf_w2_3k", "mf_w3_3k", "mf_curriculum_3k",
+            "mf_p0.5_3k", "mf_p0.75_3k", "mf_predicted_3k", "mf_rnear0_3k"} <= set(names)
+    assert all(v.endswith("train.max_steps=3000") or "train.max_steps=3000," in v for v in variants)
+    assert tune[tune.index("--split") + 1] == "train" and tune[tune.index("--seeds") + 1] == "0"
+    test = round2.main(["test", "--pick", "pick=meanflow_fd:objective.guidance_scale=2", "--dry-run"])
+    assert test[test.index("--seeds") + 1] == "0,1,2" and test[test.index("--fm-cfg") + 1] == "1,1.5,2,3"
+    assert "pick_3k=meanflow_fd:objective.guidance_scale=2,train.max_steps=3000" in test
+    trend = round2.main(["trend", "--pick", "pick=meanflow_fd:objective.guidance_scale=2", "--dry-run"])
+    assert "pick_12k=meanflow_fd:objective.guidance_scale=2,train.max_steps=12000" in trend
+    with pytest.raises(SystemExit, match="--pick"):
+        round2.main(["test", "--dry-run"])
 
 
 def test_ablations_run_at_the_first_seed_only():

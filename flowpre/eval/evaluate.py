@@ -21,6 +21,13 @@ compared on identical starting points) and the metric compares them with a real 
 Which evaluation exists for which model is in EVALUATIONS; anything else is an error
 saying so.
 
+`--cfg 1,1.5,2,3` scores every (step count, CFG scale) cell on the same noise; the JSON
+holds them all under `results_by_cfg` (and the first scale's under `results`, as for a
+single scale). A model trained with guidance in its target (objective.guidance_scale,
+recorded in the file as target_guidance) already samples guided at cfg 1 with one forward
+per step: that is how it is meant to be scored, and a cfg above 1 guides it a second time
+(two forwards per step); each cell records its forwards per sample.
+
 Generated images are quantized to 8 bits, as the real ones are, before any network
 sees them. Noise depends only on (seed, sample index), not on the batch size or the
 device. Prints a table and writes JSON (`--out`).
@@ -37,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flowpre.arguments import parse_steps
+from flowpre.arguments import parse_scales, parse_steps
 from flowpre.config import ConfigError
 
 METRICS = ("fd", "fid", "adherence")
@@ -69,7 +76,8 @@ def add_arguments(p):
     p.add_argument("--reference", default=None, help="real split: SOURCE[:train|test|heldout] (default "
                    "fashion-mnist:test; for adherence twemoji-subgroups:heldout, whose captions cycle over the samples)")
     p.add_argument("--ref-count", type=int, default=None, help="fid: use the first N reference images (default all)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    p.add_argument("--cfg", type=parse_scales, default=[1.0], help="classifier-free guidance scale, or several "
+                   "comma-separated (1,1.5,2,3): every step count is scored at each, on the same noise")
     p.add_argument("--shift", type=float, default=1.0, help="time-grid shift")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
@@ -86,6 +94,7 @@ def _with_defaults(args):
     full = vars(p.parse_args(["--weights", "-"]))
     full.update({k: v for k, v in vars(args).items() if v is not None or k not in full})
     full["steps"] = parse_steps(full["steps"])
+    full["cfg"] = parse_scales(full["cfg"])
     return argparse.Namespace(**full)
 
 
@@ -300,10 +309,10 @@ def _caption_reference(args, model):
     return captions, info
 
 
-def format_table(results, columns):
-    head = ["steps", *columns, "seconds"]
-    rows = [[str(s)] + [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
-            + [f"{r['seconds']:.1f}"] for s, r in results.items()]
+def format_table(results_by_cfg, columns):
+    head = ["cfg", "steps", *columns, "seconds"]
+    rows = [[c_key, str(s)] + [f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
+            + [f"{r['seconds']:.1f}"] for c_key, results in results_by_cfg.items() for s, r in results.items()]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -352,33 +361,46 @@ def run(args, log=print):
         del ref_images
     columns = [c for m in metrics for c in m.columns]
 
-    results = {}
-    for steps in args.steps:
-        t0 = time.time()
-        for metric in metrics:
-            metric.start()
-        nonfinite = 0
-        for x, cond, bad in generate(model, args.num_samples, steps, args.seed, args.shift, args.cfg,
-                                     args.batch_size, device, num_conditions=captions and len(captions.captions),
-                                     encode=encoder, null=encoder and encoder.null):
+    target_guidance = float(meta.get("target_guidance", 1.0))
+    if target_guidance != 1.0:
+        log(f"{args.weights} was trained with guidance {target_guidance:g} in its target: cfg 1 samples it guided, "
+            f"one forward per step" + ("; cfg " + ", ".join(f"{c:g}" for c in args.cfg if c != 1.0)
+                                        + " guide it a second time (two forwards per step)"
+                                        if any(c != 1.0 for c in args.cfg) else ""))
+    results_by_cfg = {}
+    for scale in args.cfg:
+        results = results_by_cfg.setdefault(f"{scale:g}", {})
+        for steps in args.steps:
+            t0 = time.time()
             for metric in metrics:
-                metric.update(x, cond)
-            nonfinite += bad
-        scores = {k: v for metric in metrics for k, v in metric.finish().items()}
-        results[str(steps)] = {**scores, "nonfinite_samples": nonfinite, "seconds": time.time() - t0}
-        log(f"  {steps:>4} steps: " + ", ".join(f"{c} {results[str(steps)][c]:.4f}" for c in columns)
-            + f" ({results[str(steps)]['seconds']:.1f} s)")
+                metric.start()
+            nonfinite = 0
+            for x, cond, bad in generate(model, args.num_samples, steps, args.seed, args.shift, scale,
+                                         args.batch_size, device, num_conditions=captions and len(captions.captions),
+                                         encode=encoder, null=encoder and encoder.null):
+                for metric in metrics:
+                    metric.update(x, cond)
+                nonfinite += bad
+            scores = {k: v for metric in metrics for k, v in metric.finish().items()}
+            results[str(steps)] = {**scores, "cfg": scale, "forwards_per_sample": steps * (1 if scale == 1.0 else 2),
+                                   "nonfinite_samples": nonfinite, "seconds": time.time() - t0}
+            log(f"  cfg {scale:g}, {steps:>4} steps: " + ", ".join(f"{c} {results[str(steps)][c]:.4f}" for c in columns)
+                + f" ({results[str(steps)]['seconds']:.1f} s)")
+    results = results_by_cfg[f"{args.cfg[0]:g}"]
 
     out = {"weights": str(args.weights), "metric": ",".join(names), "metrics": names, "reference": args.reference,
            "reference_split": ref_info["split"], "steps": args.steps, "num_samples": args.num_samples,
-           "seed": args.seed, "cfg": args.cfg, "shift": args.shift, "batch_size": args.batch_size,
+           "seed": args.seed, "cfg": args.cfg[0] if len(args.cfg) == 1 else args.cfg, "cfg_scales": args.cfg,
+           "target_guidance": target_guidance, "shift": args.shift, "batch_size": args.batch_size,
            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "model": meta["model"], "model_step": meta["step"], "model_weights": meta["weights"],
-           "objective": meta["objective"], **{k: v for m in metrics for k, v in m.info.items()}, "results": results,
+           "objective": meta["objective"], **{k: v for m in metrics for k, v in m.info.items()},
+           "results": results, "results_by_cfg": results_by_cfg,
            "time_s": time.time() - began, "date": datetime.datetime.now().isoformat(timespec="seconds"),
            "torch": torch.__version__}
     log(f"\n{args.metric} of {args.weights} ({args.num_samples} samples per step count, seed {args.seed}, "
-        f"cfg {args.cfg}, shift {args.shift}, {device}):\n" + format_table(results, columns))
+        f"cfg {', '.join(f'{c:g}' for c in args.cfg)}, shift {args.shift}, {device}):\n"
+        + format_table(results_by_cfg, columns))
     for metric in metrics:
         if getattr(metric, "note", None):
             log(metric.note)

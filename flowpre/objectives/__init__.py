@@ -6,9 +6,10 @@ from .scfm import SCFM
 from .shortcut import Shortcut
 
 
-def build(cfg, time_inputs=1):
+def build(cfg, time_inputs=1, max_steps=None):
     """The objective named by `cfg.name` (the `objective` section of the config), for a DiT with
-    `time_inputs` time inputs (model.time_inputs)."""
+    `time_inputs` time inputs (model.time_inputs); `max_steps` (train.max_steps) sizes
+    objective.curriculum, whose schedule is in fractions of it."""
     if cfg.name == "fm":
         return FlowMatching(cfg, time_inputs)
     if cfg.name == "scfm":
@@ -16,7 +17,7 @@ def build(cfg, time_inputs=1):
     if cfg.name == "shortcut":
         return Shortcut(cfg, time_inputs)
     if cfg.name in ("meanflow", "meanflow_fd"):
-        return MeanFlow(cfg, time_inputs, finite_difference=cfg.name == "meanflow_fd")
+        return MeanFlow(cfg, time_inputs, finite_difference=cfg.name == "meanflow_fd", max_steps=max_steps)
     raise ValueError(f"objective.name: {cfg.name!r} is not implemented yet")
 
 

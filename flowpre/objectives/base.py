@@ -1,10 +1,12 @@
 """The one signature every objective shares.
 
-    targets = objective(batch, nets, generator)
+    targets = objective(batch, nets, generator, step=None)
 
 batch:  {"x": (B, C, H, W) data in [-1, 1], "cond": (B,) class ids or (B, T, D) text encodings}
 nets:   Nets(student, ema_fast, ema_slow, teacher, null_cond); each network is a
         callable (x, sigma, cond, **extra) -> velocity, so tests can pass analytic fields
+step:   the training step (1-based), for objectives whose targets follow a schedule
+        (objective.curriculum); None outside training, meaning the end of any schedule
 Each objective also names its loss groups (`groups`, group 0 is always "fm"; names
 starting with "sc" are summed into loss_sc) and the step-size levels its DiT needs
 (`step_levels`, 0 for none). It returns Targets; the training loop regresses student(x, sigma, cond, **extra_inputs)

@@ -34,7 +34,7 @@ class FlowMatching:
         self.cfg, self.time_inputs = cfg, time_inputs
         self.adaptive = adaptive_weighting(cfg, default=False)
 
-    def __call__(self, batch, nets, generator):
+    def __call__(self, batch, nets, generator, step=None):  # step: the training step (curricula)
         x_data, cond = batch["x"], batch["cond"]
         B = x_data.shape[0]
         sigma = sample_sigma(B, self.cfg, x_data.device, generator)

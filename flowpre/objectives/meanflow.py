@@ -30,9 +30,26 @@ Choices where METHOD.md is silent (each a config key or stated here):
   order) rather than refusing the sample. Its two forwards run in fp32 with autocast off: in
   bf16 the rounding of u (about 4e-3 relative) over a gap of 1e-2 would swamp du/dt.
   `fd_network` picks the student (the JVP's network) or its fast EMA (a smoother target).
-- CFG in the target (off at guidance_scale w = 1, guidance_mix k = 0): for samples that keep
-  their condition, v is replaced by w v + k u(z_t, t, t | c) + (1 - w - k) u(z_t, t, t | null),
-  the student's own instantaneous velocities, without gradient; label-dropped samples keep v.
+- CFG in the target (MeanFlow's, section 4.2 and its appendix; off at guidance_scale = 1):
+  guidance_scale is the *effective* scale w' the trained model samples with at sampler cfg 1,
+  guidance_mix is kappa, and omega = w' (1 - kappa). For samples that keep their condition, v
+  is replaced by
+      v~ = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null),
+  the student's own instantaneous velocities without gradient; label-dropped samples keep v
+  (the unconditional field is what the null class learns). Its fixed point is the average
+  velocity of the guided field u_null + w' (u_c - u_null), so w' is directly comparable with
+  a sampler CFG scale (and with scfm's guidance_scale). du/dt is then taken along v~ (the
+  guided field's own direction). Cost: one no-grad forward per sample for u(. | null), one
+  more when kappa > 0. Not done: MeanFlow's guidance interval (guidance only for t in a range).
+- fd_direction: `v` takes du/dt along the sample's velocity (eps - x, or v~ when guided);
+  `predicted` along the student's own no-grad instantaneous velocity u(z_t, t, t | c) (guided
+  like v~ when guided), as iMF does. One more forward on the jump share, counted.
+- r_sampler: `pair` sorts two draws of the sigma sampler; `logit_normal` draws the second from
+  logit-normal(r_logit_mean, r_logit_std) before sorting, so with a negative mean most jumps end
+  near r = 0, the end every 1-step sample jumps to.
+- objective.curriculum (curriculum.py): the jump share and the largest jump at the step the loop
+  passes; logged as jump_share and max_jump. With the curriculum the jump batch changes size
+  over the ramp (the same on every rank, since it depends on the step only).
 - Loss weighting: adaptive (p = 1, c = 1e-3) unless objective.loss_weighting says otherwise.
 """
 import torch
@@ -42,6 +59,7 @@ from flowpre.models.dit import forward_mode_kernels
 from flowpre.sampling import null_like
 
 from .base import FM, GROUPS, SC, Targets, adaptive_weighting, bare_module, drop_labels
+from .curriculum import schedule
 from .flow_matching import noise_like, sample_sigma
 
 
@@ -53,7 +71,7 @@ class MeanFlow:
     groups = GROUPS
     step_levels = 0
 
-    def __init__(self, cfg, time_inputs=1, finite_difference=False):
+    def __init__(self, cfg, time_inputs=1, finite_difference=False, max_steps=None):
         if time_inputs != 2:
             raise ConfigError(f"objective.name={cfg.name} needs model.time_inputs=2: the network must be told "
                               f"where its jump ends (got model.time_inputs={time_inputs})")
@@ -61,32 +79,44 @@ class MeanFlow:
             raise ConfigError(f"objective.teacher is not supported with objective.name={cfg.name}")
         self.cfg, self.finite_difference = cfg, finite_difference
         self.adaptive = adaptive_weighting(cfg, default=True)
-        self.guided = cfg.guidance_scale != 1.0 or cfg.guidance_mix != 0.0
+        self.guided = cfg.guidance_scale != 1.0
+        self.omega = cfg.guidance_scale * (1 - cfg.guidance_mix)  # MeanFlow's omega of the effective scale
+        self.curriculum = schedule(cfg, max_steps)
 
-    def times(self, B, device, generator, dtype=torch.float32):
-        """(t, r, jump_idx): sorted sigma pairs, r = t outside jump_idx."""
+    def times(self, B, device, generator, dtype=torch.float32, step=None):
+        """(t, r, jump_idx): sorted sigma pairs, r = t outside jump_idx; the jump share and the
+        largest jump as the curriculum has them at `step`."""
+        share, max_jump = self.curriculum.at(step)
         a = sample_sigma(B, self.cfg, device, generator).to(dtype)
-        b = sample_sigma(B, self.cfg, device, generator).to(dtype)
+        if self.cfg.r_sampler == "logit_normal":
+            b = torch.sigmoid(self.cfg.r_logit_mean + self.cfg.r_logit_std
+                              * torch.randn(B, device=device, generator=generator)).to(dtype)
+        else:
+            b = sample_sigma(B, self.cfg, device, generator).to(dtype)
         t, r = torch.maximum(a, b), torch.minimum(a, b)
+        if max_jump < 1:
+            r = t - max_jump * (t - r)
         perm = torch.randperm(B, device=device, generator=generator)
-        n_fm = round(B * self.cfg.fm_fraction)
+        n_fm = round(B * (1 - share))  # = round(B * fm_fraction) off the curriculum, as before it
         r = r.index_copy(0, perm[:n_fm], t[perm[:n_fm]])
-        return t, r, perm[n_fm:]
+        return t, r, perm[n_fm:], share, max_jump
+
+    def guide(self, base, u_cond, u_uncond, kept):
+        """omega base + kappa u_c + (1 - omega - kappa) u_u where the condition was kept, else base."""
+        k = self.cfg.guidance_mix
+        mixed = self.omega * base + (1 - self.omega - k) * u_uncond
+        if k:
+            mixed = mixed + k * u_cond
+        return torch.where(_col(kept), mixed, base)
 
     @torch.no_grad()
-    def guided_target_velocity(self, student, z, t, v, cond, kept, null_cond):
-        """w v + k u_c + (1 - w - k) u_u on samples that kept their condition (`kept`), else v."""
-        w, k = self.cfg.guidance_scale, self.cfg.guidance_mix
-        n = z.shape[0]
-        both = student(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, null_like(cond, null_cond)]),
-                       sigma_end=torch.cat([t, t])).to(v.dtype)
-        u_cond, u_uncond = both[:n], both[n:]
-        guided = w * v + k * u_cond + (1 - w - k) * u_uncond
-        return torch.where(_col(kept), guided, v)
+    def instantaneous(self, student, z, t, cond):
+        """The student's own u(z, t, t | cond), no gradient, in the dtype of z."""
+        return student(z, t, cond, sigma_end=t).to(z.dtype)
 
     @torch.no_grad()
     def time_derivative(self, nets, z, t, r, v, cond):
-        """du/dt along the interpolation line at (z_t, t -> r), (n, C, H, W), without gradient."""
+        """du/dt along the tangent (v, dt = 1, dr = 0) at (z_t, t -> r), (n, C, H, W), without gradient."""
         if not self.finite_difference:
             student = bare_module(nets.student)
             with forward_mode_kernels(student):
@@ -106,32 +136,49 @@ class MeanFlow:
         gap = _col(d_plus + d_minus).clamp(min=1e-12)  # 0 only if t = r = 1, where t - r = 0 too
         return (u_plus - u_minus) / gap
 
-    def __call__(self, batch, nets, generator):
+    def __call__(self, batch, nets, generator, step=None):
         x_data, cond = batch["x"], batch["cond"]
         B, device = x_data.shape[0], x_data.device
         # times as wide as the data (float64 in the derivative checks), fp32 at least
-        t, r, jump_idx = self.times(B, device, generator, torch.promote_types(x_data.dtype, torch.float32))
+        t, r, jump_idx, share, max_jump = self.times(B, device, generator,
+                                                     torch.promote_types(x_data.dtype, torch.float32), step)
         eps = noise_like(x_data, generator)
         z = (1 - _col(t)) * x_data + _col(t) * eps
         v = eps - x_data
         dropped = drop_labels(cond, self.cfg.cond_drop_prob, nets.null_cond, generator)
+        student = bare_module(nets.student) if nets.student is not None else None
+        j = jump_idx
+        forwards = 0.0  # no-grad forwards, in images
+        u_cond = u_uncond = kept = None
         if self.guided:
             kept = (dropped == cond).flatten(1).all(1) if cond.ndim > 1 else dropped == cond
-            v = self.guided_target_velocity(bare_module(nets.student), z, t, v, cond, kept, nets.null_cond)
+            u_uncond = self.instantaneous(student, z, t, null_like(cond, nets.null_cond)).to(v.dtype)
+            forwards += B
+            if self.cfg.guidance_mix:
+                u_cond = self.instantaneous(student, z, t, cond).to(v.dtype)
+                forwards += B
+            v = self.guide(v, u_cond, u_uncond, kept)
         target = v.clone()
         group = torch.full((B,), FM, device=device, dtype=torch.long)
-        info = {}
-        if jump_idx.numel():
-            j = jump_idx
-            dudt = self.time_derivative(nets, z[j], t[j], r[j], v[j], dropped[j]).to(target.dtype)
+        info = {"jump_share": torch.tensor(share), "max_jump": torch.tensor(max_jump)}
+        if j.numel():
+            tangent = v[j]
+            if self.cfg.fd_direction == "predicted":  # the student's own velocity at the sample's condition
+                if u_cond is not None:  # kappa > 0: both velocities are at hand for every sample
+                    u_own = torch.where(_col(kept[j]), u_cond[j], u_uncond[j])
+                else:
+                    u_own = self.instantaneous(student, z[j], t[j], dropped[j]).to(v.dtype)
+                    forwards += j.numel()
+                tangent = self.guide(u_own, u_own, u_uncond[j], kept[j]) if self.guided else u_own
+            dudt = self.time_derivative(nets, z[j], t[j], r[j], tangent, dropped[j]).to(target.dtype)
             target[j] = v[j] - _col(t[j] - r[j]).to(target.dtype) * dudt
             group[j] = SC
             info["sc_jump_mean"] = (t[j] - r[j]).mean()
             info["dudt_rms"] = dudt.float().pow(2).mean().sqrt()
-        # no-grad work in units of one image's forward: the JVP's primal + tangent pass doubles
-        # every matmul (the tangent of W x is W dx), the finite difference is two fp32 forwards;
-        # CFG in the target adds two on every sample
-        info["extra_forward_images"] = 2.0 * jump_idx.numel() + (2.0 * B if self.guided else 0.0)
+            # the JVP's primal + tangent pass doubles every matmul (the tangent of W x is W dx),
+            # the finite difference is two fp32 forwards
+            forwards += 2.0 * j.numel()
+        info["extra_forward_images"] = forwards
         return Targets(x=z, sigma=t, cond=dropped, target=target, weight=torch.ones(B, device=device), group=group,
                        extra_inputs={"sigma_end": r}, info=info, sigma_mid=(t + r) / 2, sigma_next=r,
                        adaptive=self.adaptive)

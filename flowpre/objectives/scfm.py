@@ -119,7 +119,7 @@ class SCFM:
         target = (d1 * v1 + d2 * v2) / (d1 + d2)
         return x_a, sigma_a, sigma_mid, sigma_next, target, N
 
-    def __call__(self, batch, nets, generator):
+    def __call__(self, batch, nets, generator, step=None):  # step: the training step (curricula)
         x_data, cond = batch["x"], batch["cond"]
         B, device = x_data.shape[0], x_data.device
         n_fm, n_sc, n_teacher = self.split(B)

@@ -56,7 +56,7 @@ class Shortcut:
         target = ((v_a + v_b) / 2).clamp(-CLIP, CLIP)
         return x, sigma, target, level, sigma - d
 
-    def __call__(self, batch, nets, generator):
+    def __call__(self, batch, nets, generator, step=None):  # step: the training step (curricula)
         x_data, cond = batch["x"], batch["cond"]
         B, device = x_data.shape[0], x_data.device
         n_bs = round(B * self.cfg.bootstrap_fraction)

@@ -159,7 +159,7 @@ def train(cfg):
     dist = init_distributed()
     device, run_dir = dist.device, Path(cfg.run.dir)
     dataset = read_dataset_info(shards)
-    objective = build(cfg.objective, cfg.model.time_inputs)
+    objective = build(cfg.objective, cfg.model.time_inputs, cfg.train.max_steps)
     text = build_text_encoder(cfg, dataset, device)
     model = build_model(cfg, dataset, objective.step_levels, text).to(device)
     zero3 = cfg.deepspeed.zero_stage == 3
@@ -232,6 +232,7 @@ def train(cfg):
                 "micro_batch": micro, "samples": batches * micro * dist.world_size,
                 "global_batch": cfg.train.batch_size, "model": model.config(), "model_name": cfg.model.name,
                 "dataset": dataset, "objective": cfg.objective.name,
+                "target_guidance": cfg.objective.guidance_scale,  # sampled at cfg 1 when != 1 (weights.py)
                 "text_encoder": text.describe() if text else None}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
@@ -249,7 +250,7 @@ def train(cfg):
             x = batch["x"].to(device, non_blocking=True)
             cond = text(batch["captions"]) if text else batch["cond"].to(device, non_blocking=True)
             with autocast(mode, device):
-                t = objective({"x": x, "cond": cond}, nets, generator)
+                t = objective({"x": x, "cond": cond}, nets, generator, step=step)  # a pure function of step
                 pred = engine(t.x, t.sigma, t.cond, **t.extra_inputs)
             # pred as autocast left it (bf16 on CUDA): the loss reads it in place and accumulates in fp32
             loss, group_losses = K.flow_loss(pred, t.target, t.loss_weight(pred), t.group,

@@ -1,0 +1,136 @@
+"""Few-step frontier, round 2 (issue 23): each stage of the experiment as one resumable command.
+
+    python experiments/fashion_flowmaps2.py tune            # train split, seed 0, 3000 steps: one change at a time
+    python experiments/fashion_flowmaps2.py tune --pick pick=meanflow_fd:...   # plus the best combination
+    python experiments/fashion_flowmaps2.py test --pick pick=meanflow_fd:...   # test split, seeds 0,1,2
+    python experiments/fashion_flowmaps2.py trend --pick pick=meanflow_fd:...  # fm and the pick at 12000 steps
+    python experiments/fashion_flowmaps2.py test --dry-run   # print the fashion_fewstep.py command only
+
+Every stage is a call of experiments/fashion_fewstep.py with the variants below, so everything
+it does holds here: each run's stages leave files in its folder under
+experiments/records/fashion_flowmaps2/ and are skipped when present (a cut-off command goes on
+where it stopped, train.resume=auto carries a cut-off training run on), and the page
+regenerates from those records. Flow matching is sampled over --fm-cfg (1, 1.5, 2, 3), the
+scale picked per step count on the train split of seed 0 and scored on test at the pick;
+every flow map samples at cfg 1 with one forward per step (a guidance-trained one has its
+guidance in the weights).
+
+Reuse: `test` copies the committed round-1 records of today's best (meanflow_fd_j1_sig1_3k,
+seeds 0 and 1; identical configuration) into the records folder once. Their weights were not
+committed, so cells they lack (FID) stay empty for them; flow matching must be retrained,
+since its CFG sweep needs its weights.
+
+Choices (the issue is silent):
+- MeanFlow's CFG target with kappa = 0 (omega = w), as in MeanFlow's own guidance-scale
+  ablation (B/4, 1-step FID 61.1 -> 15.5 at w 3); kappa > 0 costs a second forward per sample
+  (1.83x FM's FLOPs with the jump share's forwards, over the 1.5x ceiling), so it is one
+  extra ablation at w 2 (kappa 0.5, MeanFlow's pairing for its B-size models).
+- The curriculum: 10% plain flow matching, then a 40% ramp (a fifth of the run at the end
+  of the ramp is the plain objective's half); r_sampler logit_normal(-2, 1): median r 0.12.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORDS = "experiments/records/fashion_flowmaps2"
+ROUND1 = ROOT / "experiments" / "records" / "fashion_flowmaps"
+
+# today's best (docs/results/fashion_flowmaps.md), spelled as in round 1 so its records are reused
+BEST = "objective.sigma_sampler=uniform,model.jump_scale=1,model.sigma_scale=1"
+FM_CFG = "1,1.5,2,3"
+
+
+# (the tuning and test length, the trend's 4x) per --scale; the variants set train.max_steps, so
+# they, not the scale's own length, decide it
+LENGTHS = {"cpu": (3000, 12000), "gpu": (20000, 80000), "smoke": (4, 16)}
+
+
+def length(steps):
+    return f"train.max_steps={steps}"
+
+
+def suffix(steps):
+    return f"{steps / 1000:g}k"  # 3k, 12k (fewstep_report.trend_stem pairs the lengths by it)
+
+
+def tuning_variants(steps=3000):
+    """One change at a time from today's best (train split, seed 0)."""
+    k = suffix(steps)
+    base = f"meanflow_fd:{BEST},{length(steps)}"
+    one_change = {
+        **{f"mf_w{w:g}": f"objective.guidance_scale={w}" for w in (1.5, 2, 3)},
+        "mf_w2_kappa0.5": "objective.guidance_scale=2,objective.guidance_mix=0.5",
+        "mf_curriculum": "objective.curriculum=true",
+        **{f"mf_p{p:g}": f"objective.loss_weight_p={p}" for p in (0.5, 0.75)},
+        "mf_predicted": "objective.fd_direction=predicted",
+        "mf_rnear0": "objective.r_sampler=logit_normal",
+    }
+    return ([f"fm_{k}=fm:{length(steps)}", f"meanflow_fd_j1_sig1_{k}={base}"]
+            + [f"{name}_{k}={base},{change}" for name, change in one_change.items()])
+
+
+def stage_arguments(stage, pick, scale):
+    short, long = LENGTHS[scale]
+    s, l = suffix(short), suffix(long)
+    records = RECORDS if scale == "cpu" else f"{RECORDS}_{scale}"
+    notes = ROOT / "experiments" / "notes" / "fashion_flowmaps2.md"
+    common = ["--objectives", "", "--runs", records, "--out", "docs/results", "--fm-cfg", FM_CFG, "--goals", "round2",
+              "--scale", scale]
+    if stage == "tune":
+        jobs = tuning_variants(short) + ([pick.replace("=", f"_{s}=", 1) + f",{length(short)}"] if pick else [])
+        return common + ["--split", "train", "--seeds", "0", "--steps", "1,2,4", "--no-fid",
+                         "--name", "fashion_flowmaps2_tuning"] + [a for j in jobs for a in ("--variant", j)]
+    if not pick:
+        raise SystemExit(f"{stage}: name the pick of the tuning stage: --pick NAME=meanflow_fd:key=value,...")
+    name, _, spec = pick.partition("=")
+    if stage == "test":
+        jobs = [f"fm_{s}=fm:{length(short)}", f"meanflow_fd_j1_sig1_{s}=meanflow_fd:{BEST},{length(short)}",
+                f"{name}_{s}={spec},{length(short)}"]
+        seeds = "0,1,2"
+    else:  # trend: fm and the pick at 4x the images, two seeds, beside their 3000-step rows (seeds 0 and 1)
+        jobs = [f"fm_{s}=fm:{length(short)}", f"{name}_{s}={spec},{length(short)}",
+                f"fm_{l}=fm:{length(long)}", f"{name}_{l}={spec},{length(long)}"]
+        seeds = "0,1"
+    return (common + ["--split", "test", "--seeds", seeds, "--steps", "1,2,4,8,32,128", "--fid-steps", "1,2",
+                     "--name", "fashion_flowmaps2" if stage == "test" else "fashion_flowmaps2_trend"]
+            + (["--notes", str(notes.relative_to(ROOT))] if notes.exists() else [])
+            + [a for j in jobs for a in ("--variant", j)])
+
+
+def reuse_round1(log=print):
+    """Copy the round-1 records of today's best (same overrides) into the round-2 folder, once."""
+    for run in ("meanflow_fd_j1_sig1_3k", "meanflow_fd_j1_sig1_3k_s1"):
+        src, dst = ROUND1 / run, ROOT / RECORDS / run
+        if src.is_dir() and not dst.exists():
+            shutil.copytree(src, dst)
+            log(f"reused the round-1 records of {run} ({src.relative_to(ROOT)})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=("tune", "test", "trend"))
+    p.add_argument("--pick", default="", help="NAME=meanflow_fd:key=value,... the tuning's pick (without "
+                                             "train.max_steps, which each stage sets)")
+    p.add_argument("--scale", default="cpu", choices=("cpu", "gpu", "smoke"))
+    p.add_argument("--dry-run", action="store_true", help="print the fashion_fewstep.py command and stop")
+    args, rest = p.parse_known_args(argv)
+    arguments = stage_arguments(args.stage, args.pick, args.scale) + rest
+    print("python experiments/fashion_fewstep.py " + shlex.join(arguments), flush=True)
+    if args.dry_run:
+        return arguments
+    if args.stage in ("tune", "test") and args.scale == "cpu" and "--runs" not in rest:
+        reuse_round1()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fashion_fewstep
+
+    fashion_fewstep.main(arguments)
+    return arguments
+
+
+if __name__ == "__main__":
+    main()
