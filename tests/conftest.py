@@ -4,12 +4,35 @@ The Triton interpreter must be switched on before any kernel module is imported
 (@triton.jit reads TRITON_INTERPRET when it decorates), so it is set here, at the
 top of the first file pytest imports. On a CUDA machine the real kernels run.
 """
+import hashlib
 import os
+import sys
+import time
+import warnings
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/flowpre/torch_extensions"))
+# One extension cache per Python environment: DeepSpeed's JIT ops are built against one
+# torch's headers, so two venvs sharing a cache rebuild it in turn (minutes each, behind
+# a lock every other DeepSpeed process waits on) - seen as 600 s test timeouts.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(
+    "~/.cache/flowpre/torch_extensions/" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
+STALE_BUILD_LOCK_S = 900  # a JIT build takes 1-2 minutes here
+
+
+def _remove_stale_build_locks(root):
+    """torch's extension builder waits forever on a lock file whose builder was killed (a
+    timed-out test's subprocess): every later DeepSpeed process would hang on it."""
+    for lock in Path(root).glob("*/lock"):
+        age = time.time() - lock.stat().st_mtime
+        if age > STALE_BUILD_LOCK_S:
+            warnings.warn(f"removing {lock}: a JIT build lock left {age / 60:.0f} min ago by a killed build")
+            lock.unlink(missing_ok=True)
+
+
+_remove_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
 
 import torch  # noqa: E402
 
