@@ -57,7 +57,7 @@ class EvalError(ConfigError):
 
 
 def add_arguments(p):
-    p.add_argument("--weights", required=True, help="exported model (flowpre export)")
+    p.add_argument("--weights", required=True, help="exported model: .safetensors file or model folder (flowpre export)")
     p.add_argument("--steps", type=parse_steps, default=list(DEFAULT_STEPS), help="comma-separated step counts")
     p.add_argument("--metric", default="fd", help="fd (classifier features, Fashion-MNIST), fid (InceptionV3), "
                    "or both as fd,fid: every metric then scores the same samples; adherence (text models "
@@ -106,7 +106,7 @@ def metric_names(text):
 
 def _check(args):
     metrics = metric_names(args.metric)
-    if not Path(args.weights).is_file():
+    if not Path(args.weights).exists():  # an exported file or model folder (flowpre.weights.weights_file)
         raise FileNotFoundError(f"--weights: {args.weights} does not exist")
     lowest = PR_K + 1 if "fd" in metrics else 2
     args.reference = args.reference or DEFAULT_REFERENCE[metrics[0]]
