@@ -130,7 +130,6 @@ def model_card(name, meta, which, params, run_config, records, evaluation=None, 
         data_lines.append(f"- conditioning: captions through the frozen text encoder `{enc.get('path')}` "
                           f"({enc.get('kind')}, {enc.get('dim')}-d, {enc.get('max_length')} tokens)")
     else:
-        names = dataset.get("class_names") or []
         data_lines.append(f"- conditioning: {m['num_classes']} classes" + (f": {', '.join(names)}" if names else ""))
     objective = meta.get("objective") or "fm"
     objective_cfg = run_config.get("objective", {})
@@ -138,8 +137,10 @@ def model_card(name, meta, which, params, run_config, records, evaluation=None, 
                    "a step-size level" if m.get("step_levels") else "one time")
     arch = (f"DiT, depth {m['depth']}, hidden {m['hidden']}, {m['heads']} heads, patch {m['patch']}, "
             f"{params / 1e6:.1f}M parameters; takes {time_inputs}")
+    names = dataset.get("class_names") or []
+    labels = f"pipe.get_label_ids({names[:2]!r})" if names and not text else "[0, 1]"
     call = ('pipe(prompt="a red heart", num_inference_steps=1, generator=torch.Generator().manual_seed(0))'
-            if text else "pipe(class_labels=[0, 1, 2], num_inference_steps=1, "
+            if text else f"pipe(class_labels={labels}, num_inference_steps=1, "
                          "generator=torch.Generator().manual_seed(0))")
     body = [f"# {name}", "",
             f"A few-step flow-matching {'text-to-image' if text else 'class-conditional'} image model trained "
