@@ -120,6 +120,7 @@ def model_card(name, meta, which, params, run_config, records, evaluation=None, 
     shape = f"{dataset.get('channels', m['in_channels'])}x{dataset.get('height', m['image_size'])}x" \
             f"{dataset.get('width', m['image_size'])}"
     latent = dataset.get("latent")
+    names = dataset.get("class_names") or []
     data_lines = [f"- source: {facts.get('about') or dataset.get('name') or 'not recorded'}",
                   f"- shards: `{run_config.get('data', {}).get('shards', '?')}`",
                   f"- model input: {shape}" + (f" latents of {latent['vae']} (pixels "
@@ -137,7 +138,6 @@ def model_card(name, meta, which, params, run_config, records, evaluation=None, 
                    "a step-size level" if m.get("step_levels") else "one time")
     arch = (f"DiT, depth {m['depth']}, hidden {m['hidden']}, {m['heads']} heads, patch {m['patch']}, "
             f"{params / 1e6:.1f}M parameters; takes {time_inputs}")
-    names = dataset.get("class_names") or []
     labels = f"pipe.get_label_ids({names[:2]!r})" if names and not text else "[0, 1]"
     call = ('pipe(prompt="a red heart", num_inference_steps=1, generator=torch.Generator().manual_seed(0))'
             if text else f"pipe(class_labels={labels}, num_inference_steps=1, "

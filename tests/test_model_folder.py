@@ -111,3 +111,39 @@ def test_export_refuses_to_overwrite_what_is_not_a_model_folder(run, tmp_path):
     assert r.returncode != 0 and "add --format folder" in r.stderr
     with pytest.raises(WeightsError, match="without model.safetensors"):
         load_model(precious)
+
+
+def test_text_latent_card_and_a_failed_write_leaves_nothing(tmp_path):
+    """Without a training run: a text model's card, and an export that fails half-way (no prompts
+    for the grid) removes its temporary folder and leaves the old folder as it was."""
+    pytest.importorskip("transformers")
+    from flowpre.model_card import model_card
+    from flowpre.model_folder import write_model_folder
+    from flowpre.text import TextEncoder
+
+    from helpers import random_dit, save_tiny_bert
+
+    text = TextEncoder(str(save_tiny_bert(tmp_path / "bert")), max_length=8)
+    model = random_dit(text_dim=text.dim, text_tokens=text.tokens, time_inputs=2)
+    meta = {"model": model.config(), "step": 5, "objective": "meanflow", "samples": 40, "world_size": 2,
+            "device": "NVIDIA H100", "text_encoder": text.describe(),
+            "dataset": {"name": "twemoji", "channels": 1, "height": 8, "width": 8, "has_captions": True}}
+    card = model_card("emoji", meta, "ema_slow", 123, {"train": {"batch_size": 8}}, [])
+    parsed = huggingface_hub.ModelCard(str(card))
+    assert parsed.data.pipeline_tag == "text-to-image" and parsed.data.license == "cc-by-4.0"
+    assert parsed.data.datasets is None and "meanflow" in parsed.data.tags
+    assert "| hardware | 2 x NVIDIA H100 |" in card.text and "two times" in card.text and 'prompt="' in card.text
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  shards: /nonexistent/*.tar\nsample:\n  prompts: []\n")
+    out = tmp_path / "emoji"
+    out.mkdir()
+    (out / "model.safetensors").write_text("an older export")
+    with pytest.raises(WeightsError, match="no prompts for the sample grid"):
+        write_model_folder(out, model.state_dict(), meta, "ema_slow", run)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".emoji")] == []
+    assert (out / "model.safetensors").read_text() == "an older export"
+    (run / "config.yaml").write_text("data:\n  shards: /nonexistent/*.tar\nsample:\n  prompts: [a dog, red heart]\n")
+    write_model_folder(out, model.state_dict(), meta, "ema_slow", run)
+    pipe = flowpre.load(out, kernels="torch")
+    assert pipe.model.time_inputs == 2 and len(pipe(prompt="a dog", num_inference_steps=2).images) == 1
