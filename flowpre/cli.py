@@ -114,8 +114,8 @@ def _take_local_rank(argv):
     return out
 
 
-def main(argv=None):
-    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
+def build_parser():
+    """The `flowpre` argument parser (the docs test checks every documented command against it)."""
     parser = argparse.ArgumentParser(prog="flowpre", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -171,7 +171,12 @@ def main(argv=None):
     p = sub.add_parser("text-encoders", help="list the text encoders installed (values for model.text_encoder)")
     p.set_defaults(func=cmd_text_encoders)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(argv)
     from flowpre.config import ConfigError
     from flowpre.train.integrity import DamagedCheckpoint
     from flowpre.train.nonfinite import NonFiniteError
