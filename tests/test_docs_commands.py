@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from flowpre.cli import build_parser
 from flowpre.config import ConfigError, load_config
