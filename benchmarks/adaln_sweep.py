@@ -8,6 +8,10 @@ of gated_residual_adaln and of adaln_modulate (bf16, CUDA graph, GPU time, L2 fl
 in GB/s and % of HBM peak, bytes counted as in kernels/bench.py.
 Without CUDA (or with --offline) nothing is timed: the table is registers and
 occupancy for sm_90 only, which is what can be checked before a change reaches a GPU.
+With --rehearse (and TRITON_INTERPRET=1) the GPU path runs on the CPU, to check the
+script before GPU time is spent on it: today's tiling only, at B = 2, N = 16 (C kept),
+timed through the interpreter by wall clock (not performance figures), its registers
+compiled offline by a child process (the interpreter cannot compile).
 Prints a table and writes JSON (after every row, so a cut-off run keeps what it has).
 """
 import argparse
@@ -15,7 +19,9 @@ import datetime
 import itertools
 import json
 import os
+import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -75,12 +81,38 @@ def time_candidate(timer, shape, gated, launch, nbytes, inputs, grads, fn):
     return ms, nbytes / (ms * 1e-3)
 
 
-def sweep(out_path, shapes, offline, kinds, compiled=True):
-    cuda = torch.cuda.is_available() and not offline
+def compiled_offline(shapes, kinds, max_tilings):
+    """Static rows of a child process that compiles for sm_90 without the interpreter:
+    {(kernel, shape, launch as a tuple): row}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "static.json")
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        kind_names = ",".join("gated" if gated else "plain" for gated in kinds)
+        (B, N), widths = shapes[0][:2], ",".join(str(s[2]) for s in shapes)
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--offline", "--out", out, "--candidates",
+                        str(max_tilings), "--widths", widths, "--kinds", kind_names, "--batch-tokens", f"{B},{N}"],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+            rows = json.load(f)["rows"]
+    return {(r["kernel"], tuple(r["shape"]), tuple(r["launch"].values())): r for r in rows}
+
+
+STATIC_KEYS = ("registers", "stack_bytes", "shared_bytes", "blocks_per_sm", "warps_per_sm", "global_loads_by_bytes",
+               "error")
+
+
+def sweep(out_path, shapes, offline, kinds, compiled=True, max_tilings=None, rehearse=False):
+    cuda = (torch.cuda.is_available() and not offline) or rehearse
     report = {"timed": cuda, "arch": "sm_90", "torch": torch.__version__, "triton": triton.__version__,
               "git_commit": bench._git_commit(),
               "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "rows": []}
-    if cuda:
+    if rehearse:
+        bench._rehearse_on_cpu()
+        timer, peak = bench._WallTimer(), None
+        report.update(device="cpu (rehearsal)", note=bench.REHEARSAL_NOTE, hbm_peak_gbps=None,
+                      copy_gbps=bench._copy_bandwidth(timer, numel=2**20) / 1e9, rehearsal=True)
+        static_rows = compiled_offline(shapes, kinds, max_tilings)
+    elif cuda:
         timer = bench._Timer(quick=True)
         report["device"] = torch.cuda.get_device_name()
         peak = bench._hbm_peak(report["device"])
@@ -100,10 +132,16 @@ def sweep(out_path, shapes, offline, kinds, compiled=True):
                 torch._dynamo.reset()  # a fresh compile per shape, never the recompile limit's eager fallback
             inputs, grads, impls, _, nbytes = bench._adaln_case(shape, gated)
             compiled_ms = timer.graph(bench._fwd_bwd(impls["compiled"], inputs, grads)) if compiled else None
-        for i, launch in enumerate(candidates(C, N)):
+        for i, launch in enumerate(candidates(C, N)[:max_tilings]):
             row = {"kernel": kernel, "shape": list(shape), "launch": launch._asdict(), "today": i == 0}
             try:
-                row.update(static(shape, launch, gated, arch=arch))
+                if rehearse:
+                    found = static_rows[(kernel, tuple(shape), tuple(launch))]
+                    row.update({k: found[k] for k in STATIC_KEYS if k in found})
+                    if "error" in row:
+                        raise RuntimeError(row.pop("error"))
+                else:
+                    row.update(static(shape, launch, gated, arch=arch))
                 # the static figure of merit: input bytes in flight per SM (resident programs
                 # times the tiles each keeps loading); streaming kernels need ~20-40 KB
                 loads = (4 if gated else 2) * 2 * launch.rows * C * max(1, launch.prefetch)
@@ -147,8 +185,14 @@ def main(argv=None):
     parser.add_argument("--kinds", default="gated,plain", help="gated (gated_residual_adaln), plain (adaln_modulate)")
     parser.add_argument("--no-compiled", action="store_true",
                         help="skip the torch.compile baseline (its compile takes tens of seconds; kernels.bench has it)")
+    parser.add_argument("--candidates", type=int, default=None, help="only the first N tilings (today's first)")
+    parser.add_argument("--batch-tokens", default=None, help="B,N: replace every shape's batch and tokens (C kept)")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="the GPU path on the CPU, today's tiling at B,N = 2,16 (needs TRITON_INTERPRET=1)")
     args = parser.parse_args(argv)
-    if interpreter_on():
+    if args.rehearse:
+        args.candidates, args.batch_tokens = 1, args.batch_tokens or "2,16"
+    elif interpreter_on():
         parser.error("TRITON_INTERPRET is set: the kernels must be compiled, not interpreted; unset it")
     if not registers.available():
         print("this triton install bundles no ptxas/cuobjdump; cannot compile offline")
@@ -159,12 +203,16 @@ def main(argv=None):
         shapes = [s for s in SHAPES if s[2] in keep]
         if not shapes:
             parser.error(f"--widths {args.widths}: none of {[s[2] for s in SHAPES]}")
+    if args.batch_tokens:
+        B, N = (int(v) for v in args.batch_tokens.split(","))
+        shapes = [(B, N, C) for _, _, C in shapes]
     kinds = []
     for k in args.kinds.split(","):
         if k not in ("gated", "plain"):
             parser.error(f"--kinds: unknown kind {k!r}; use gated and/or plain")
         kinds.append(k == "gated")
-    sweep(args.out, shapes, args.offline, kinds, compiled=not args.no_compiled)
+    sweep(args.out, shapes, args.offline, kinds, compiled=not args.no_compiled, max_tilings=args.candidates,
+          rehearse=args.rehearse)
     return 0
 
 

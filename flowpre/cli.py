@@ -82,7 +82,7 @@ def cmd_shards(args):
 def cmd_bench(args):
     from flowpre.kernels import bench
 
-    bench.main(["--out", args.out] + (["--quick"] if args.quick else []))
+    bench.main(["--out", args.out] + (["--quick"] if args.quick else []) + (["--rehearse"] if args.rehearse else []))
 
 
 def cmd_text_encoders(args):
@@ -166,6 +166,8 @@ def build_parser():
     p.add_argument("what", choices=["kernels"])
     p.add_argument("--out", default="benchmarks/results/kernels.json")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--rehearse", action="store_true",
+                   help="every row on the CPU at one tiny shape, to check the script (needs TRITON_INTERPRET=1)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("text-encoders", help="list the text encoders installed (values for model.text_encoder)")

@@ -27,6 +27,10 @@ Conventions
   flow_loss has no graph timing: its reference's bincount syncs with the host.
 - Reported against the HBM peak of the device (table below) and against a
   device-to-device copy measured in the same run.
+- --rehearse runs every row's code on the CPU (TRITON_INTERPRET=1, set before python
+  starts) at one tiny shape per kernel, wall-clock timed, with torch.compile's eager
+  backend: it checks the script before GPU time is spent on it, and measures nothing.
+  Only the CUDA graph capture and the L2 flush have no CPU stand-in.
 """
 import argparse
 import datetime
@@ -34,15 +38,21 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 from .adaln import adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
 from .attention import attention
+from .backend import interpreter_on
 from .loss import flow_loss, flow_loss_reference
 
-DEVICE = "cuda"  # a module constant so a dry run of the row logic can point it elsewhere
+DEVICE = "cuda"  # module constants so that a rehearsal (--rehearse) can point them at the CPU
+COMPILE_BACKEND = "inductor"
+TOKEN_HEADS = 2**20  # B*H*N of every attention row
+REHEARSAL_NOTE = ("rehearsal on the CPU: Triton interpreter, one tiny shape per kernel, wall clock, "
+                  "torch.compile's eager backend; these times are not performance figures")
 NO_GPU = "flowpre bench kernels needs a CUDA GPU; nothing measured"
 # bytes/s, matched against the device name in order (the PCIe and NVL parts differ)
 HBM_PEAK = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12, "A100": 2.04e12}
@@ -55,6 +65,7 @@ ADALN_FULL = [(64, 256, 1152), (32, 1024, 1152), (256, 256, 768), (256, 64, 384)
 ADALN_QUICK = [(32, 1024, 1152)]
 LOSS_FULL = [(256, 4, 32, 32), (256, 4, 64, 64), (64, 16, 128, 128)]
 LOSS_QUICK = [(256, 4, 64, 64)]
+ATTN_REHEARSAL, ADALN_REHEARSAL, LOSS_REHEARSAL = [(64, 32)], [(2, 16, 64)], [(2, 4, 8, 8)]
 
 
 def _git_commit():
@@ -124,8 +135,26 @@ class _Timer:
         return max(with_fn - alone, 1e-6) / reps
 
 
-def _copy_bandwidth(timer):
-    src = torch.empty(2**28, device=DEVICE, dtype=torch.float16)  # 512 MiB each way
+class _WallTimer:
+    """The rehearsal's timer: one call's wall time after a warm-up call. A CPU has neither
+    CUDA events nor graphs, so `graph` times the same way."""
+
+    def __call__(self, fn):
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    def graph(self, fn):
+        return self(fn)
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False, backend=COMPILE_BACKEND)
+
+
+def _copy_bandwidth(timer, numel=2**28):
+    src = torch.empty(numel, device=DEVICE, dtype=torch.float16)  # 512 MiB each way on a GPU
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
@@ -169,7 +198,8 @@ def _attention_rows(timer, configs):
     rows = []
     for cfg in configs:
         m, n, d = cfg if len(cfg) == 3 else (cfg[0], *cfg)
-        heads, batch = 16, 2**16 // m
+        heads = 16
+        batch = max(1, TOKEN_HEADS // (heads * m))
         row = {"kernel": "attention", "shape": [batch, heads, m, d], "dtype": "bf16", "results": {}}
         if n != m:
             row["kv_len"] = n
@@ -220,14 +250,14 @@ def _adaln_case(shape, gated):
         grads = (torch.randn_like(x), torch.randn_like(x))
         impls = {"triton": lambda *a: gated_residual_adaln(*a, backend="triton"),
                  "eager": gated_residual_adaln_reference,
-                 "compiled": torch.compile(gated_residual_adaln_reference, dynamic=False)}
+                 "compiled": _compile(gated_residual_adaln_reference)}
         fwd_bytes, bwd_bytes = (4 * b * n * c + 3 * b * c) * 2, (10 * b * n * c + 8 * b * c) * 2
     else:
         inputs = (x, shift, scale)
         grads = (torch.randn_like(x),)
         impls = {"triton": lambda *a: adaln_modulate(*a, backend="triton"),
                  "eager": adaln_modulate_reference,
-                 "compiled": torch.compile(adaln_modulate_reference, dynamic=False)}
+                 "compiled": _compile(adaln_modulate_reference)}
         fwd_bytes, bwd_bytes = (2 * b * n * c + 2 * b * c) * 2, (5 * b * n * c + 5 * b * c) * 2
     return inputs, grads, impls, fwd_bytes, bwd_bytes
 
@@ -239,7 +269,7 @@ def _loss_case(shape):
     weight = torch.rand(b, device=DEVICE) + 0.5
     groups = 8
     group = torch.randint(0, groups, (b,), device=DEVICE)
-    compiled = torch.compile(flow_loss_reference, dynamic=False)
+    compiled = _compile(flow_loss_reference)
     impls = {"triton": lambda p, t, w, g: flow_loss(p, t, w, g, groups, backend="triton"),
              "eager": lambda p, t, w, g: flow_loss_reference(p, t, w, g, groups),
              "compiled": lambda p, t, w, g: compiled(p, t, w, g, groups)}
@@ -326,32 +356,52 @@ def _print_rows(rows):
             print(f"{row['kernel']:22s} {shape:18s} {mode:13s} " + " | ".join(cells) + f"  {ratios}")
 
 
-def run_benchmarks(out_path=None, quick=False):
-    """Measure every kernel against its baselines; returns the report (also written to out_path)."""
-    if not torch.cuda.is_available():
+def _rehearse_on_cpu():
+    """Points the rows at the CPU; the kernels run only if the interpreter was on at import."""
+    global DEVICE, COMPILE_BACKEND, TOKEN_HEADS
+    if not interpreter_on():
+        raise SystemExit("--rehearse runs the kernels through the Triton interpreter: "
+                         "start python with TRITON_INTERPRET=1")
+    DEVICE, COMPILE_BACKEND, TOKEN_HEADS = "cpu", "eager", 16 * ATTN_REHEARSAL[0][0]
+
+
+def run_benchmarks(out_path=None, quick=False, rehearse=False):
+    """Measure every kernel against its baselines; returns the report (also written to out_path).
+    rehearse: the same rows on the CPU at one tiny shape each (see the module's notes)."""
+    if rehearse:
+        _rehearse_on_cpu()
+        timer, name, peak = _WallTimer(), "cpu (rehearsal)", None
+        copy_bw = _copy_bandwidth(timer, numel=2**20)
+    elif not torch.cuda.is_available():
         print(NO_GPU)
         return {"status": "skipped", "reason": NO_GPU}
+    else:
+        timer = _Timer(quick)
+        name = torch.cuda.get_device_name()
+        peak = _hbm_peak(name)
+        copy_bw = _copy_bandwidth(timer)
     import triton
 
-    timer = _Timer(quick)
-    name = torch.cuda.get_device_name()
-    peak = _hbm_peak(name)
-    copy_bw = _copy_bandwidth(timer)
-    report = {"status": "ok", "device": name, "torch": torch.__version__, "triton": triton.__version__,
-              "git_commit": _git_commit(), "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+    report = {"status": "rehearsal" if rehearse else "ok", "device": name, "torch": torch.__version__,
+              "triton": triton.__version__, "git_commit": _git_commit(),
+              "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(),
               "quick": quick, "hbm_peak_gbps": peak / 1e9 if peak else None, "copy_gbps": copy_bw / 1e9,
               "conventions": __doc__.split("Conventions", 1)[1].strip(), "rows": []}
-    shapes = ADALN_QUICK if quick else ADALN_FULL
+    if rehearse:
+        report["note"] = REHEARSAL_NOTE
+        print(REHEARSAL_NOTE)
+    pick = lambda full, fast, tiny: tiny if rehearse else fast if quick else full  # noqa: E731
+    shapes = pick(ADALN_FULL, ADALN_QUICK, ADALN_REHEARSAL)
     attn = os.environ.get("FLOWPRE_BENCH_ATTN")  # e.g. "256:72,1024:77:64": N:D or M:N:D to time
-    attn_shapes = [tuple(int(v) for v in p.split(":")) for p in attn.split(",")] if attn else None
+    attn_shapes = [tuple(int(v) for v in p.split(":")) for p in attn.split(",")] if attn and not rehearse else None
     sections = [
         lambda: _memory_rows(timer, "gated_residual_adaln", shapes, lambda s: _adaln_case(s, True), peak, copy_bw),
         lambda: _memory_rows(timer, "adaln_modulate", shapes, lambda s: _adaln_case(s, False), peak, copy_bw),
-        lambda: _attention_rows(timer, attn_shapes or (ATTN_QUICK if quick else ATTN_FULL + ATTN_CROSS)),
+        lambda: _attention_rows(timer, attn_shapes or pick(ATTN_FULL + ATTN_CROSS, ATTN_QUICK, ATTN_REHEARSAL)),
         # no graph timing for the loss: the reference's bincount syncs with the host, which
         # graph capture forbids (and a failed capture can poison the CUDA context)
-        lambda: _memory_rows(timer, "flow_loss", LOSS_QUICK if quick else LOSS_FULL, _loss_case, peak, copy_bw,
-                             graph=False)]
+        lambda: _memory_rows(timer, "flow_loss", pick(LOSS_FULL, LOSS_QUICK, LOSS_REHEARSAL), _loss_case, peak,
+                             copy_bw, graph=False)]
     _print_header(report)
     for section in sections:  # printed and saved as each ends: a run cut off by a lease keeps what it measured
         rows = section()
@@ -369,8 +419,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="flowpre bench kernels", description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--quick", action="store_true", help="a reduced set, under 2 minutes with compiles")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run every row on the CPU at one tiny shape (needs TRITON_INTERPRET=1); measures nothing")
     args = parser.parse_args(argv)
-    run_benchmarks(args.out, args.quick)
+    run_benchmarks(args.out, args.quick, args.rehearse)
     return 0
 
 

@@ -15,13 +15,21 @@ import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-else:
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from interpreter_guard import install as _install_interpreter_guard  # noqa: E402
+
+    _install_interpreter_guard()
+if torch.cuda.is_available():
     os.environ.pop("DS_ACCELERATOR", None)
 
 import pytest  # noqa: E402
 
 
 def pytest_configure(config):
+    if os.environ.get("FLOWPRE_TEST_PROBE"):
+        from process_probe import Probe
+
+        config.pluginmanager.register(Probe(os.environ["FLOWPRE_TEST_PROBE"]), "flowpre-process-probe")
     config.addinivalue_line("markers", "slow: takes more than ~30 s on the 2-core CPU machine")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
 
