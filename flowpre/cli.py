@@ -34,48 +34,41 @@ def cmd_train(args):
 def cmd_export(args):
     from flowpre.export import export
 
-    path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint)
-    print(f"wrote {path} (step {step}, weights: {'student' if args.ema == 'none' else args.ema + ' EMA'})")
+    if args.format == "file" and (args.eval or args.license):
+        sys.exit("flowpre export: error: --eval and --license go into a model card: add --format folder")
+    path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint, format=args.format,
+                        eval_file=args.eval, license=args.license)
+    what = "model folder" if args.format == "folder" else "weights"
+    print(f"wrote {what} {path} (step {step}, weights: {'student' if args.ema == 'none' else args.ema + ' EMA'})")
 
 
 def cmd_sample(args):
     import torch
 
-    from flowpre.weights import load_model
-    from flowpre.images import class_columns, save_labeled_grid, steps_label
-    from flowpre.sampling import euler_sample, seeded_noise
-    from flowpre.vae import decode, vae_for_dataset
+    from flowpre.images import save_labeled_grid, steps_label
+    from flowpre.pipeline import load
+    from flowpre.sampling import seeded_noise
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, meta = load_model(args.weights, device, source="--weights")
-    n, C, H = args.num, model.in_channels, model.image_size
+    # fp32: the grids stay what they were before the pipeline's bf16 default on CUDA
+    pipe = load(args.weights, args.device, dtype=torch.float32, source="--weights")
+    model, meta, n = pipe.model, pipe.config, args.num
     if model.text_dim:  # caption-conditioned: the encoder folder recorded at export
-        from flowpre.text import TextEncoder
-
         if not args.prompt:
             sys.exit(f"{args.weights} is a text-conditioned model: give --prompt TEXT (repeatable)")
-        enc = meta["text_encoder"]
-        text = TextEncoder(enc["path"], enc["max_length"], device)
-        labels = [args.prompt[i % len(args.prompt)] for i in range(n)]
-        cond, null = text(labels), text.null
+        labels = conditions = [args.prompt[i % len(args.prompt)] for i in range(n)]
     else:
         if args.prompt:
             sys.exit(f"--prompt: {args.weights} is class-conditional; use --label")
         if args.label is not None and not 0 <= args.label < model.num_classes:
             sys.exit(f"--label {args.label} is out of range: the model has {model.num_classes} classes")
-        names = class_columns(model.num_classes, meta.get("dataset", {}).get("class_names"),
-                              max_columns=model.num_classes)[1]
-        ids = [args.label] * n if args.label is not None else [i % model.num_classes for i in range(n)]
-        cond, null, labels = torch.tensor(ids, device=device), model.null_class, [names[i] for i in ids]
+        conditions = [args.label] * n if args.label is not None else [i % model.num_classes for i in range(n)]
+        labels = [pipe.class_names[i] for i in conditions]
     if meta.get("target_guidance", 1.0) != 1.0:  # weights.py: the guidance is in the weights already
         print(f"{args.weights} was trained with guidance {meta['target_guidance']:g} in its target: cfg 1 samples it "
               f"guided with one forward per step" + (f"; --cfg {args.cfg:g} guides it a second time"
                                                     if args.cfg != 1.0 else ""))
-    noise = seeded_noise((n, C, H, H), args.seed, device)
-    rows = [euler_sample(model, noise, cond, s, args.shift, args.cfg, null,
-                         step_inputs=model.sampling_inputs, time_inputs=model.time_inputs) for s in args.steps]
-    vae = vae_for_dataset(meta["dataset"], device)  # latent models decode through their shards' VAE
-    rows = [decode(vae, r) for r in rows] if vae is not None else rows
+    noise = seeded_noise((n, model.in_channels, model.image_size, model.image_size), args.seed, pipe.device)
+    rows = [pipe.denoise(noise, conditions, s, args.cfg, args.shift) for s in args.steps]
     out = Path(args.out or f"samples_{Path(args.weights).stem}_{'-'.join(map(str, args.steps))}steps.png")
     if out.is_dir():
         out = out / f"samples_{'-'.join(map(str, args.steps))}steps.png"
@@ -125,8 +118,8 @@ def _take_local_rank(argv):
     return out
 
 
-def main(argv=None):
-    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
+def build_parser():
+    """The `flowpre` argument parser (the docs test checks every documented command against it)."""
     parser = argparse.ArgumentParser(prog="flowpre", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -137,15 +130,20 @@ def main(argv=None):
     p.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: WORLD_SIZE or 1)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="write a run's weights to one safetensors file")
+    p = sub.add_parser("export", help="write a run's weights to one safetensors file or a model folder")
     p.add_argument("--run", required=True, help="run folder")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the .safetensors file, or the folder with --format folder")
+    p.add_argument("--format", default="file", choices=["file", "folder"],
+                   help="folder: weights, config.json, training config, sample grid and a model card (README.md)")
+    p.add_argument("--eval", default=None, metavar="FILE", help="folder: a `flowpre eval --out` JSON for the card")
+    p.add_argument("--license", default=None,
+                   help="folder: the card's license (a Hub license id; default: from the training data)")
     p.add_argument("--ema", default="slow", choices=["slow", "fast", "none"])
     p.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the latest complete one)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="sample a grid from exported weights")
-    p.add_argument("--weights", required=True)
+    p.add_argument("--weights", required=True, help="an exported .safetensors file or model folder")
     p.add_argument("--steps", type=parse_steps, default=[1, 4, 32])
     p.add_argument("--out", default=None, help="PNG path or folder (default: samples_<weights>_<steps>steps.png)")
     p.add_argument("--num", type=int, default=10, help="samples per step count")
@@ -179,14 +177,20 @@ def main(argv=None):
     p = sub.add_parser("text-encoders", help="list the text encoders installed (values for model.text_encoder)")
     p.set_defaults(func=cmd_text_encoders)
 
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(argv)
     from flowpre.config import ConfigError
     from flowpre.train.integrity import DamagedCheckpoint
     from flowpre.train.nonfinite import NonFiniteError
     from flowpre.weights import WeightsError
+    from flowpre.pipeline import PipelineError
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError, PipelineError) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

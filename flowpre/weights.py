@@ -8,6 +8,10 @@ record their frozen encoder's local path and max length, and need that folder to
 forward per step, and a sampler cfg above 1 guides it a second time.
 `flowpre export` writes it from a checkpoint (export.py); sampling, evaluation and
 training (`model.init`, `objective.teacher`) read it back here.
+
+A model folder (`flowpre export --format folder`, model_folder.py) holds that same file as
+WEIGHTS_NAME beside its config.json and model card, so every reader takes either: the
+folder is resolved to its weights file here, and nothing else needs to know the layout.
 """
 import json
 from pathlib import Path
@@ -18,8 +22,26 @@ from safetensors.torch import load_file, safe_open, save_file
 from flowpre.models.dit import DiT
 
 
+WEIGHTS_NAME = "model.safetensors"  # the weights file inside a model folder (the Hub's usual name)
+
+
 class WeightsError(ValueError):
     """An exported weights file that cannot be read; the message names the file."""
+
+
+def weights_file(path, source=""):
+    """The weights file of `path`: the file itself, or a model folder's WEIGHTS_NAME."""
+    where = f"{source}: " if source else ""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        inside = path / WEIGHTS_NAME
+        if not inside.is_file():
+            raise WeightsError(f"{where}{path} is a folder without {WEIGHTS_NAME}: not a flowpre model folder "
+                               "(flowpre export --format folder writes one)")
+        return inside
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}weights file {path} not found")
+    return path
 
 
 def save_weights(state, out, meta, weights):
@@ -37,8 +59,7 @@ def save_weights(state, out, meta, weights):
 
 def read_metadata(path, source=""):
     where = f"{source}: " if source else ""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{where}weights file {path} not found")
+    path = weights_file(path, source)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -55,7 +76,9 @@ def read_metadata(path, source=""):
 
 
 def load_model(path, device="cpu", kernels="auto", source=""):
-    """(DiT in eval mode, metadata) from an exported file; `source` (a config key, a flag) prefixes errors."""
+    """(DiT in eval mode, metadata) from an exported file or model folder; `source` (a config key,
+    a flag) prefixes errors."""
+    path = weights_file(path, source)
     meta = read_metadata(path, source)
     model = DiT(**meta["model"], kernels=kernels)
     try:

@@ -13,18 +13,16 @@ FlashAttention.jvp), through the custom op flowpre::flash_attention_jvp: under t
 the rule sees functorch-wrapped tensors, which only the dispatcher unwraps, and the op is
 opaque to torch.compile like the other kernels.
 """
-import importlib
 import math
 
 import torch
 
-from .attention import (_LOG2E, _align, _bucket, _check_buffer, _check_inputs, _grid, _launch_cfg, _meta, _rows,
-                        _strides)
+from . import attention_launch
+from .attention_launch import (_LOG2E, _align, _bucket, _check_buffer, _check_inputs, _grid, _launch_cfg, _meta, _rows,
+                               _strides)
 from .attention_jvp_kernels import _INTERPRET, _jvp_fwd
 from .backend import use_triton
 
-# The module, for ALLOW_TF32 read at call time (the package's `attention` is the function).
-_attention = importlib.import_module(__package__ + ".attention")
 
 
 def _default_scale(q, scale):
@@ -72,11 +70,11 @@ def _gpu_meta(q):
     builds (block sizes 16-64, D = 64, 72, 128), and the builds that succeed spill
     heavily. 3xTF32 (each operand split in two TF32 halves, three tensor-core products)
     is within ~1e-6 of fp32 and none of ~80 builds (sm_80 and sm_90, D = 16 to 256)
-    aborted. attention.ALLOW_TF32 = True takes plain TF32, as for the plain attention.
+    aborted. attention_launch.ALLOW_TF32 = True takes plain TF32, as for the plain attention.
     The interpreter computes every precision exactly, so it keeps attention's choice.
     """
     meta = _meta(q)
-    if q.dtype == torch.float32 and not _INTERPRET and not _attention.ALLOW_TF32:
+    if q.dtype == torch.float32 and not _INTERPRET and not attention_launch.ALLOW_TF32:
         meta["PREC"] = "tf32x3"
     return meta
 

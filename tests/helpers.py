@@ -63,3 +63,47 @@ def metrics(run_dir):
 
 def weights(path):
     return load_file(str(path))
+
+
+def random_dit(seed=0, **kw):
+    """A small DiT whose zero-initialised layers (adaLN-Zero, output) are drawn at random, so
+    that its output depends on every input (a fresh DiT outputs v = 0)."""
+    import torch
+
+    from flowpre.models.dit import DiT
+
+    torch.manual_seed(seed)
+    model = DiT(**{"in_channels": 1, "image_size": 8, "patch": 4, "hidden": 32, "depth": 2, "heads": 2,
+                   "num_classes": 3, "kernels": "torch", **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def save_tiny_bert(path):
+    """A 2-layer random BERT with a word-level tokenizer, saved as a local transformers folder."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a dog face red heart grinning woman scientist".split()
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(path))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(str(path))
+    return path
+
+
+def save_tiny_vae(path, latent_channels=4, size=16):
+    """A random 2-block diffusers AutoencoderKL (downsampling 2), saved as a local folder."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=8, sample_size=size, scaling_factor=0.5,
+        shift_factor=0.1).save_pretrained(str(path))
+    return path

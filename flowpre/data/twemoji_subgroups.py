@@ -1,6 +1,6 @@
 """Twemoji for text-to-image experiments: `flowpre shards --source twemoji-subgroups`.
 
-The `twemoji` source (sources.py) with three changes, so that a caption-conditioned model
+The `twemoji` source (twemoji.py) with three changes, so that a caption-conditioned model
 can be scored for prompt adherence (flowpre/eval/adherence.py):
 
 - **No skin-tone variants.** A file whose code points hold a Fitzpatrick modifier
@@ -34,7 +34,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from .sources import DatasetInfo, Sample, TwemojiSource
+from .source import DatasetInfo, Sample
+from .twemoji import TwemojiSource
 
 NAME = "twemoji-subgroups"
 SPLITS = ["train", "heldout"]

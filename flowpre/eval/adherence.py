@@ -119,7 +119,7 @@ def score(pred, target, caption_index, class_names):
 
 def ceiling(classifier, captions):
     """The classifier on the captions' real images, scored like generated ones."""
-    from flowpre.eval.evaluate import quantize
+    from flowpre.eval.generate import quantize
 
     index = torch.arange(len(captions.captions))
     return score(predict(classifier, quantize(captions.images)), captions.class_ids, index, captions.class_names)
@@ -146,7 +146,7 @@ class CaptionEncoder:
 
 def draw(model, encoder, num_captions, num_samples, steps, cfg, seed, shift=1.0, batch_size=256, device="cpu"):
     """Generate num_samples images (captions cycling) -> (images in [-1, 1] on the CPU, caption index)."""
-    from flowpre.eval.evaluate import generate
+    from flowpre.eval.generate import generate
 
     images, index = [], []
     for x, cond, _ in generate(model, num_samples, steps, seed, shift, cfg, batch_size, device,

@@ -46,6 +46,7 @@ import torch
 
 from flowpre.arguments import parse_scales, parse_steps
 from flowpre.config import ConfigError
+from flowpre.eval.generate import NOISE_BLOCK, NoiseBank, generate, quantize  # noqa: F401 (also used from here)
 
 METRICS = ("fd", "fid", "adherence")
 EVALUATIONS = ("fd: class-conditional 28x28 Fashion-MNIST models (the project's classifier, reference "
@@ -55,7 +56,6 @@ EVALUATIONS = ("fd: class-conditional 28x28 Fashion-MNIST models (the project's 
 DEFAULT_REFERENCE = {"fd": "fashion-mnist:test", "fid": "fashion-mnist:test", "adherence": "twemoji-subgroups:heldout"}
 TWEMOJI_DATASETS = ("twemoji-subgroups", "twemoji")
 DEFAULT_STEPS = [1, 2, 4, 8, 16, 32, 128]
-NOISE_BLOCK = 1024  # samples per independently seeded noise block
 PR_K = 3
 
 
@@ -64,7 +64,7 @@ class EvalError(ConfigError):
 
 
 def add_arguments(p):
-    p.add_argument("--weights", required=True, help="exported model (flowpre export)")
+    p.add_argument("--weights", required=True, help="exported model: .safetensors file or model folder (flowpre export)")
     p.add_argument("--steps", type=parse_steps, default=list(DEFAULT_STEPS), help="comma-separated step counts")
     p.add_argument("--metric", default="fd", help="fd (classifier features, Fashion-MNIST), fid (InceptionV3), "
                    "or both as fd,fid: every metric then scores the same samples; adherence (text models "
@@ -115,7 +115,7 @@ def metric_names(text):
 
 def _check(args):
     metrics = metric_names(args.metric)
-    if not Path(args.weights).is_file():
+    if not Path(args.weights).exists():  # an exported file or model folder (flowpre.weights.weights_file)
         raise FileNotFoundError(f"--weights: {args.weights} does not exist")
     lowest = PR_K + 1 if "fd" in metrics else 2
     args.reference = args.reference or DEFAULT_REFERENCE[metrics[0]]
@@ -128,60 +128,6 @@ def _check(args):
         raise EvalError(f"--batch-size must be positive, got {args.batch_size}")
     if args.ref_count is not None and args.ref_count < 2:
         raise EvalError(f"--ref-count must be at least 2, got {args.ref_count}")
-
-
-# ----------------------------------------------------------------------------- sampling
-
-class NoiseBank:
-    """Noise for sample i drawn from block i // NOISE_BLOCK seeded by (seed, block), so a
-    sample's noise does not depend on batch size, device or how many samples are drawn."""
-
-    def __init__(self, shape, seed):
-        self.shape, self.seed, self.cache = tuple(shape), seed, {}
-
-    def block(self, b):
-        if b not in self.cache:
-            from flowpre.sampling import seeded_noise
-
-            self.cache = {b: seeded_noise((NOISE_BLOCK, *self.shape), self.seed * 1_000_003 + b, "cpu")}
-        return self.cache[b]
-
-    def get(self, start, end):
-        parts = []
-        i = start
-        while i < end:
-            b, off = divmod(i, NOISE_BLOCK)
-            take = min(end - i, NOISE_BLOCK - off)
-            parts.append(self.block(b)[off:off + take])
-            i += take
-        return torch.cat(parts)
-
-
-def quantize(x):
-    """[-1, 1] floats -> the nearest 8-bit level (what saving a PNG does), still in [-1, 1];
-    NaN/inf (a diverged model) become 0 / the clamp ends rather than poisoning the statistics."""
-    x = torch.nan_to_num(x.float(), nan=0.0).clamp(-1, 1)
-    return ((x + 1) * 127.5).round() / 127.5 - 1
-
-
-def generate(model, num_samples, steps, seed, shift, cfg, batch_size, device, num_conditions=None, encode=None,
-             null=None):
-    """Yield (images in [-1, 1] on the device, requested conditions, non-finite count) per batch.
-
-    Conditions cycle: sample i asks for i mod num_conditions (default: the model's classes).
-    Text models pass `encode` (condition ids -> the encoder's output) and its `null`."""
-    from flowpre.sampling import euler_sample
-
-    bank = NoiseBank((model.in_channels, model.image_size, model.image_size), seed)
-    for start in range(0, num_samples, batch_size):
-        end = min(start + batch_size, num_samples)
-        noise = bank.get(start, end).to(device)
-        cond = torch.arange(start, end, device=device) % (num_conditions or model.num_classes)
-        x = euler_sample(model, noise, encode(cond) if encode else cond, steps, shift, cfg,
-                         null if encode else model.null_class,
-                         step_inputs=model.sampling_inputs, time_inputs=model.time_inputs)
-        bad = int((~torch.isfinite(x)).flatten(1).any(1).sum())
-        yield quantize(x), cond, bad
 
 
 # ----------------------------------------------------------------------------- metrics

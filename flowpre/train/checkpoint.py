@@ -143,3 +143,28 @@ def load_checkpoint(engine, path, dist):
         rank_state = torch.load(path / f"flowpre_rank{dist.rank:05d}.pt", map_location="cpu", weights_only=True)
     shared = torch.load(path / "flowpre_shared.pt", map_location="cpu", weights_only=True)
     return meta, shared, rank_state
+
+
+EMA_CHOICES = ("slow", "fast", "none")  # which weights a checkpoint gives out: an EMA, or the student
+
+
+def student_state_dict(ckpt):
+    """The student's full fp32 weights from a DeepSpeed checkpoint of any ZeRO stage."""
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    if meta["zero_stage"] == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return get_fp32_state_dict_from_zero_checkpoint(str(Path(ckpt).parent), tag=Path(ckpt).name)
+    # stages 0-2 keep full fp32 parameters on every rank (bf16 is autocast only)
+    return torch.load(Path(ckpt) / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def checkpoint_weights(ckpt, ema="slow"):
+    """(state dict, checkpoint meta, which) of one checkpoint folder: the slow or fast EMA, or
+    the student (ema="none"); `which` names the set as the weights file records it."""
+    if ema not in EMA_CHOICES:
+        raise ValueError(f"--ema must be one of {EMA_CHOICES}, got {ema!r}")
+    meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    if ema == "none":
+        return student_state_dict(ckpt), meta, "student"
+    shared = torch.load(Path(ckpt) / "flowpre_shared.pt", map_location="cpu", weights_only=True)
+    return shared["ema"][ema], meta, f"ema_{ema}"

@@ -16,8 +16,7 @@ import torch
 from flowpre import kernels as K
 from flowpre.config import ConfigError, save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
-from flowpre.export import export
-from flowpre.weights import load_model
+from flowpre.weights import load_model, save_weights
 from flowpre.images import class_columns, save_labeled_grid, steps_label
 from flowpre.models.dit import DiT, build_dit
 from flowpre.objectives import Nets, build
@@ -25,8 +24,8 @@ from flowpre.sampling import euler_sample, seeded_noise
 from flowpre.text import TextEncoder
 from flowpre.vae import decode, vae_for_dataset
 
-from .checkpoint import (check_same_model, checkpoints_root, complete_checkpoints, load_checkpoint, resolve_resume,
-                         save_checkpoint)
+from .checkpoint import (check_same_model, checkpoint_weights, checkpoints_root, complete_checkpoints, load_checkpoint,
+                         resolve_resume, save_checkpoint)
 from .distributed import barrier, init_distributed
 from . import reshard
 from .ema import DualEma
@@ -233,7 +232,9 @@ def train(cfg):
                 "global_batch": cfg.train.batch_size, "model": model.config(), "model_name": cfg.model.name,
                 "dataset": dataset, "objective": cfg.objective.name,
                 "target_guidance": cfg.objective.guidance_scale,  # sampled at cfg 1 when != 1 (weights.py)
-                "text_encoder": text.describe() if text else None}
+                "text_encoder": text.describe() if text else None,
+                # the hardware, for the model card (export --format folder)
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
         rank_state = {"batches": batches, "generator": generator.get_state(), "torch_cpu": torch.get_rng_state(),
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id,
@@ -311,7 +312,8 @@ def train(cfg):
             grids = sample_grids(ema.slow, cfg, run_dir, step, device, columns, vae, text, write=dist.is_main)
         if dist.is_main:
             report.images(step, grids)
-            export(run_dir, weights, ema="slow", checkpoint=last, verify=False)  # just written
+            state, saved_meta, which = checkpoint_weights(last, "slow")  # the checkpoint just written
+            save_weights(state, weights, saved_meta, which)
             trained = (step - start_step) * cfg.train.batch_size
             print(f"\ndone: {step} steps, {trained / max(elapsed, 1e-9):.1f} img/s over this session "
                   f"({trained} images in {elapsed:.0f} s)\n"
