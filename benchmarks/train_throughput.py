@@ -9,7 +9,6 @@ on one GPU it adds no compute, and this isolates what the kernels change.
 MFU = img/s x 3 x forward FLOPs / peak bf16 FLOP/s (TARGETS.md convention).
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from flowpre import strict_json
 from flowpre import kernels as K
 from flowpre.models.dit import build_dit
 from flowpre.train.metrics import peak_flops
@@ -105,7 +105,7 @@ def main(argv=None):
            "commit": commit, "time": datetime.now(timezone.utc).isoformat(), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        f.write(strict_json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -175,12 +175,15 @@ def main(argv=None):
 
     args = parser.parse_args(argv)
     from flowpre.config import ConfigError
+    from flowpre.train.checkpoint import CheckpointWriteError
     from flowpre.train.integrity import DamagedCheckpoint
     from flowpre.train.nonfinite import NonFiniteError
+    from flowpre.train.run_folder import RunFolderError
     from flowpre.weights import WeightsError
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError, RunFolderError,
+            CheckpointWriteError) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 
