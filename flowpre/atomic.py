@@ -31,6 +31,28 @@ def _fsync(path, directory=False):
         os.close(fd)
 
 
+def _umask():
+    try:  # Linux: read it without setting it (os.umask would change it for other threads meanwhile)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _mode_for(path):
+    """The replaced file's permissions, or a new file's (0666 less the umask): some writers
+    (safetensors) create files readable by their owner only, which colleagues on a shared
+    filesystem could then not read."""
+    try:
+        return Path(path).stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path` to write; on success it replaces `path`, on an
@@ -40,6 +62,7 @@ def atomic_path(path):
     tmp = temporary_sibling(path)
     try:
         yield tmp
+        os.chmod(tmp, _mode_for(path))
         _fsync(tmp)  # the data on disk before the name points at it (a power loss after the rename)
         os.replace(tmp, path)
     except BaseException:
