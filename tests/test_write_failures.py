@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import flowpre.weights
+from flowpre import weights as weights_layer
 from flowpre.data.shards import write_shards
 from flowpre.export import export
 
@@ -53,7 +53,7 @@ def test_checkpoint_write_failure_keeps_previous_and_export_is_atomic(tmp_path, 
     def fails_half_way(tensors, filename, metadata=None):  # safetensors' writer hitting a full disk
         Path(filename).write_bytes(good[: len(good) // 2])
         raise OSError(errno.ENOSPC, "No space left on device", filename)
-    monkeypatch.setattr(flowpre.weights, "save_file", fails_half_way)
+    monkeypatch.setattr(weights_layer, "save_file", fails_half_way)
     with pytest.raises(OSError, match="No space left"):
         export(run, out, ema="fast")
     assert out.read_bytes() == good and leftovers(tmp_path) == []
