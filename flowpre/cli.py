@@ -34,7 +34,13 @@ def cmd_train(args):
 def cmd_export(args):
     from flowpre.export import export
 
-    path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint)
+    try:
+        path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint)
+    except OSError as e:  # a full disk, a read-only folder: the write is atomic, so nothing was replaced
+        if isinstance(e, FileNotFoundError) and e.filename is None:
+            raise  # flowpre's own "no complete checkpoint" message
+        sys.exit(f"flowpre export: error: writing {args.out} failed ({e.strerror or e}); "
+                 f"{'the previous ' + args.out + ' is unchanged' if Path(args.out).exists() else 'nothing was written'}")
     print(f"wrote {path} (step {step}, weights: {'student' if args.ema == 'none' else args.ema + ' EMA'})")
 
 

@@ -126,8 +126,8 @@ def _alive_here(holder):
     if not isinstance(pid, int):
         return False
     if Path("/proc").is_dir():
-        started = _process_start(pid)
-        return started is not None and started == holder.get("pid_start", started)
+        started, recorded = _process_start(pid), holder.get("pid_start")
+        return started is not None and (recorded is None or started == recorded)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
