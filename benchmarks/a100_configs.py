@@ -29,6 +29,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from flowpre import strict_json  # noqa: E402
 
 # per block, in bytes: the opt-in maximum of dynamic shared memory a launch may ask for
 SHARED_PER_BLOCK = {80: 163 * 1024, 90: 227 * 1024}
@@ -246,7 +247,7 @@ def main(argv=None):
         print("DOES NOT FIT:", {k: v for k, v in r.items() if k not in ("fits",)})
     print(f"{len(rows) - len(bad)} of {len(rows)} fit sm_{args.arch}")
     with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+        f.write(strict_json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0 if not bad else 3
 

@@ -17,7 +17,6 @@ Prints a table and writes JSON (after every row, so a cut-off run keeps what it 
 import argparse
 import datetime
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import triton.language as tl  # noqa: E402
 
 from kernels import adaln, bench, registers  # noqa: E402
 from kernels.backend import interpreter_on  # noqa: E402
+from flowpre import strict_json  # noqa: E402
 
 # (B, N, C): DiT-XL/2 at 512 px, DiT-B/2 and DiT-S/2 at 256 px (as in kernels/bench.py)
 SHAPES = [(32, 1024, 1152), (256, 256, 768), (256, 64, 384)]
@@ -169,7 +169,7 @@ def sweep(out_path, shapes, offline, kinds, compiled=True, max_tilings=None, reh
             print(f"{kernel:21s} {B}x{N}x{C:<5d} {'*' if i == 0 else ' '} {describe(launch):42s} {resources}{timing}")
             if out_path:
                 with open(out_path, "w") as f:
-                    json.dump(report, f, indent=1)
+                    f.write(strict_json.dumps(report, indent=1) + "\n")
         if cuda:
             inputs = grads = impls = None
             torch.cuda.empty_cache()

@@ -20,7 +20,6 @@ Prints a table and writes JSON (after every row, so a cut-off run keeps what it 
 """
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -39,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from kernels import bench  # noqa: E402
 from kernels.attention import attention_forward  # noqa: E402
 from kernels.attention_jvp import attention_jvp_forward  # noqa: E402
+from flowpre import strict_json  # noqa: E402
 
 SMOKE_SHAPE = (1, 2, 64, 64, 72)  # B, H, M, N, D
 SMOKE_NOTE = ("no CUDA: smoke check only, one tiny shape through the Triton interpreter; "
@@ -143,7 +143,7 @@ def run(out_path=None, quick=False, cross=False):
         report["rows"].append(row)
         if out_path:
             with open(out_path, "w") as f:
-                json.dump(report, f, indent=1)
+                f.write(strict_json.dumps(report, indent=1) + "\n")
     if out_path:
         print(f"wrote {out_path}")
     return report

@@ -13,7 +13,6 @@ savings of issue 14 item 3 (bf16 adaLN output under autocast, the bf16 predictio
 the loss in place) act on the CUDA bf16 path and are invisible here.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from flowpre import strict_json
 from flowpre import kernels as K
 from flowpre.config import ObjectiveConfig
 from flowpre.models.dit import build_dit
@@ -117,7 +117,7 @@ def main(argv=None):
            "time": datetime.now(timezone.utc).isoformat(), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        f.write(strict_json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from flowpre import strict_json
 from flowpre.models.dit import build_dit
 from flowpre.train.distributed import barrier, init_distributed
 from flowpre.train.ema import DualEma
@@ -74,7 +75,7 @@ def main():
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "w") as f:
-                json.dump(result, f, indent=1)
+                f.write(strict_json.dumps(result, indent=1) + "\n")
     barrier()
 
 

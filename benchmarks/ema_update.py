@@ -7,7 +7,6 @@ Interleaved rounds, median of each; the student in fp32 (flowpre's case: fp32 ma
 weights under autocast) and in bf16. The results are checked equal before timing.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -19,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from flowpre import strict_json  # noqa: E402
 from flowpre.models.dit import build_dit  # noqa: E402
 from flowpre.train.ema import DualEma  # noqa: E402
 
@@ -84,7 +84,7 @@ def main(argv=None):
     report["load_avg_at_end"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+            f.write(strict_json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from flowpre import strict_json
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=DiT-2x32x2/4", "train.batch_size=8", "train.lr=0.001", "train.log_every=1",
         "data.num_workers=1", "data.shuffle_buffer=64", "sample.num_images=4", "sample.steps=[1]",
@@ -158,7 +160,7 @@ def soak(args):
               "seconds": round(time.time() - t0, 1), "workdir": str(work)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1))
+    out.write_text(strict_json.dumps(record, indent=1) + "\n")
     print(f"{passed}/{args.k}: final exports {'bitwise equal to' if equal else 'DIFFER from'} the uninterrupted "
           f"run's ({record['seconds']} s); wrote {out}")
     return record

@@ -15,7 +15,6 @@ rate per worker falls as workers are added, more so for latents, whose check par
 whole latent. The JSON keeps each count's rate so that curve can be read off.
 """
 import argparse
-import json
 import os
 import platform
 import sys
@@ -28,6 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from flowpre import strict_json  # noqa: E402
 from flowpre.data.pipeline import ShardLoader  # noqa: E402
 from flowpre.data.shards import write_shards  # noqa: E402
 from flowpre.data.synthetic import write_synthetic_latents  # noqa: E402
@@ -150,10 +150,10 @@ def main(argv=None):
                   f"per worker (first batches {row['first_batches_s']:.1f} s)", flush=True)
             if args.out:  # as it goes: a cut-off run keeps what it measured
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+                Path(args.out).write_text(strict_json.dumps(report, indent=1) + "\n")
     report["load_avg_at_end"] = os.getloadavg()
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.out).write_text(strict_json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

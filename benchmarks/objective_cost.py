@@ -12,7 +12,6 @@ of jumps, `meanflow_fd`: two fp32 forwards there) run on a DiT with time_inputs=
 `FLOPs x fm` column is what the experiment pages charge (objective_overhead), beside the time.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from flowpre import strict_json
 from flowpre import kernels as K
 from flowpre.config import ObjectiveConfig
 from flowpre.models.dit import build_dit
@@ -98,7 +98,7 @@ def main(argv=None):
            "rounds": args.rounds, "time": datetime.now(timezone.utc).isoformat(), "rows": rows}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        f.write(strict_json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 

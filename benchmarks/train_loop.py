@@ -34,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from flowpre import strict_json  # noqa: E402
 from flowpre.data.synthetic import write_synthetic_latents  # noqa: E402
 
 
@@ -191,7 +192,7 @@ def main(argv=None):
 
     def write():
         report["ratios"] = ratios(report["rows"])
-        out.write_text(json.dumps(report, indent=1) + "\n")
+        out.write_text(strict_json.dumps(report, indent=1) + "\n")
 
     write()
     print(f"train loop: {report['device']}, deepspeed {report['deepspeed']}; {args.count} latents written in "

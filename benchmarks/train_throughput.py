@@ -12,7 +12,6 @@ that model.kernels=triton runs), one warm-up and one timed step at the smallest 
 check the script before GPU time is spent on it: its figures are not performance numbers.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from flowpre import strict_json
 from flowpre import kernels as K
 from flowpre.kernels.backend import interpreter_on
 from flowpre.models.dit import build_dit
@@ -130,7 +130,7 @@ def main(argv=None):
         out["note"] = "rehearsal on the CPU through the Triton interpreter: not performance figures"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        f.write(strict_json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

@@ -36,8 +36,14 @@ def cmd_export(args):
 
     if args.format == "file" and (args.eval or args.license):
         sys.exit("flowpre export: error: --eval and --license go into a model card: add --format folder")
-    path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint, format=args.format,
-                        eval_file=args.eval, license=args.license)
+    try:
+        path, step = export(args.run, args.out, ema=args.ema, checkpoint=args.checkpoint, format=args.format,
+                            eval_file=args.eval, license=args.license)
+    except OSError as e:  # a full disk, a read-only folder: the write is atomic, so nothing was replaced
+        if isinstance(e, FileNotFoundError) and e.filename is None:
+            raise  # flowpre's own "no complete checkpoint" message
+        sys.exit(f"flowpre export: error: writing {args.out} failed ({e.strerror or e}); "
+                 f"{'the previous ' + args.out + ' is unchanged' if Path(args.out).exists() else 'nothing was written'}")
     what = "model folder" if args.format == "folder" else "weights"
     print(f"wrote {what} {path} (step {step}, weights: {'student' if args.ema == 'none' else args.ema + ' EMA'})")
 
@@ -184,13 +190,16 @@ def main(argv=None):
     argv = _take_local_rank(sys.argv[1:] if argv is None else list(argv))
     args = build_parser().parse_args(argv)
     from flowpre.config import ConfigError
+    from flowpre.train.checkpoint import CheckpointWriteError
     from flowpre.train.integrity import DamagedCheckpoint
     from flowpre.train.nonfinite import NonFiniteError
+    from flowpre.train.run_folder import RunFolderError
     from flowpre.weights import WeightsError
     from flowpre.pipeline import PipelineError
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError, PipelineError) as e:
+    except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError, PipelineError,
+            RunFolderError, CheckpointWriteError) as e:
         print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -34,6 +34,11 @@ def _f(default, lo=None, hi=None, choices=None):
 @dataclass
 class RunConfig:
     dir: str = _f("runs/default")
+    # a new run (train.resume=none) into a folder holding another run's files: true moves them into
+    # run.dir/replaced-<time>/ first; false refuses (flowpre/train/run_folder.py)
+    overwrite: bool = _f(False)
+    # seconds without a heartbeat after which another host's lock on run.dir counts as stale
+    lock_timeout: float = _f(120.0, lo=0.1)
 
 
 @dataclass
@@ -333,6 +338,56 @@ def _validate_together(cfg: Config, source: str):
                           f"train.grad_accum={cfg.train.grad_accum}")
 
 
+def _where(mark):
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _kind(node):
+    name = node.tag.rsplit(":", 1)[-1]
+    return {"seq": "a list", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false",
+            "map": "a mapping"}.get(name, name) + f" ({node.value!r})" * isinstance(node, yaml.ScalarNode)
+
+
+def _read_yaml(path):
+    """The file's sections as a dict; a YAML syntax error, or a top level or section that is not a
+    mapping, is a ConfigError naming the file, line and column."""
+    text = path.read_text()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)  # nodes with positions, for the checks below
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at {_where(mark)}" if mark else ""
+        # where the construct began, often the line with the mistake (an unclosed bracket)
+        began = (f" ({e.context.removeprefix('while parsing ')} that starts at {_where(e.context_mark)})"
+                 if e.context and e.context_mark and e.problem_mark and e.context_mark.line != e.problem_mark.line else "")
+        raise ConfigError(f"{path}{at}: not valid YAML: {e.problem or e.context}{began}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{path} at {_where(root.start_mark)}: expected a mapping of sections at the top level "
+                          f"(section: key: value), got {_kind(root)}")
+    sections = _fields(Config)
+    for key, value in root.value:
+        if isinstance(key, yaml.ScalarNode) and key.value in sections and not isinstance(value, yaml.MappingNode) and value.tag != "tag:yaml.org,2002:null":
+            raise ConfigError(f"{path} at {_where(value.start_mark)}: section '{key.value}' must be a mapping of "
+                              f"keys (indented 'key: value' lines below it), got {_kind(value)}")
+    return {k: ({} if v is None and k in sections else v) for k, v in data.items()}
+
+
+def _parse_override(item, text):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        # the column within the whole key=value argument, as the user typed it
+        at = f" at column {len(item) - len(text) + mark.column + 1}" if mark else ""
+        raise ConfigError(f"command line: override {item!r}{at}: not valid YAML: "
+                          f"{getattr(e, 'problem', None) or e}") from None
+
+
 def load_config(path=None, overrides=()) -> Config:
     """Defaults, then the YAML file, then each `key=value` override (value parsed as YAML)."""
     cfg = Config()
@@ -340,17 +395,14 @@ def load_config(path=None, overrides=()) -> Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = _read_yaml(path)
         for key, value in data.items():
             _set(cfg, key, value, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "", "command line")
+        _set(cfg, key.strip(), _parse_override(item, text) if text.strip() else "", "command line")
     _validate_together(cfg, str(path) if path else "command line")
     return cfg
 
@@ -360,5 +412,6 @@ def to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path):
-    with open(path, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    from flowpre.atomic import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

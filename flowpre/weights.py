@@ -19,6 +19,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from flowpre.atomic import atomic_path
+from flowpre.strict_json import dumps
 from flowpre.models.dit import DiT
 
 
@@ -48,12 +50,13 @@ def save_weights(state, out, meta, weights):
     """Write `state` (a model state dict) to `out` with the checkpoint's `meta` (model, dataset,
     objective, step, text encoder); `weights` says which set: "student", "ema_slow", "ema_fast"."""
     tensors = {k: v.detach().float().contiguous() for k, v in state.items()}
-    metadata = {"flowpre.model": json.dumps(meta["model"]), "flowpre.dataset": json.dumps(meta.get("dataset", {})),
+    metadata = {"flowpre.model": dumps(meta["model"]), "flowpre.dataset": dumps(meta.get("dataset", {})),
                 "flowpre.objective": meta.get("objective", ""), "flowpre.step": str(meta["step"]),
-                "flowpre.weights": weights, "flowpre.text_encoder": json.dumps(meta.get("text_encoder")),
+                "flowpre.weights": weights, "flowpre.text_encoder": dumps(meta.get("text_encoder")),
                 "flowpre.target_guidance": str(float(meta.get("target_guidance", 1.0)))}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    with atomic_path(out) as tmp:  # a failed write leaves an earlier export at `out` intact
+        save_file(tensors, str(tmp), metadata=metadata)
     return Path(out)
 
 

@@ -106,3 +106,28 @@ def test_on_off_words_survive_yaml_booleans(tmp_path, where):
         load_config(None, ["logging.wandb=on"])
     with pytest.raises(ConfigError, match="train.resume"):  # keys without on/off choices keep rejecting booleans
         load_config(None, ["train.resume=off"])
+
+
+@pytest.mark.parametrize("text,where,needle", [
+    ("model:\n  name: [DiT-S/2\ntrain:\n  max_steps: 3\n", "line 3, column 6", "flow sequence that starts at line 2, column 9"),
+    ("train:\n\tmax_steps: 3\n", "line 2, column 1", "'\\t'"),
+    ("- run\n- model\n", "line 1, column 1", "expected a mapping of sections at the top level"),
+    ("run:\n  dir: r\nmodel: DiT-S/2\n", "line 3, column 8", "section 'model' must be a mapping"),
+    ("train: [1, 2]\n", "line 1, column 8", "got a list"),
+])
+def test_yaml_that_does_not_parse_names_file_line_and_column(tmp_path, text, where, needle):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"{path} at {where}" in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_yaml_errors_on_the_command_line_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"command line: override 'model.name=\[DiT' at column 16"):
+        load_config(None, ["model.name=[DiT"])
+    path = write(tmp_path, "model:\n  name: [DiT-S/2\n")
+    r = subprocess.run([sys.executable, "-m", "flowpre.cli", "train", "--config", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"flowpre train: error: {path} at line 3, column 1")
+    assert load_config(write(tmp_path, "run:\ntrain:\n  max_steps: 3\n")).train.max_steps == 3  # empty section

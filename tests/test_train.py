@@ -85,10 +85,12 @@ def test_sigkill_during_checkpoint_keeps_previous(tmp_path, digits):
     ckpts = run / "checkpoints"
     assert (ckpts / "step000000002" / "meta.json").is_file()
     assert not (ckpts / "step000000004").exists() and (ckpts / ".tmp-step000000004").is_dir()
+    assert (run / "flowpre.lock").is_file()  # the killed run's, taken over below
     # the previous checkpoint loads: export it, then resume=auto picks it and finishes
     flowpre("export", "--run", str(run), "--out", str(tmp_path / "w2.safetensors"))
     r = train(run, digits, *common, "train.resume=auto")
     assert "step000000002" in r.stdout and "at step 2" in r.stdout
+    assert "taking over the lock of pid" in r.stderr and "its process is gone" in r.stderr
     assert not (ckpts / ".tmp-step000000004").exists()
     assert (ckpts / "step000000006" / "meta.json").is_file()
 

@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from flowpre import strict_json
 from flowpre.arguments import parse_scales, parse_steps
 from flowpre.config import ConfigError
 from flowpre.eval.generate import NOISE_BLOCK, NoiseBank, generate, quantize  # noqa: F401 (also used from here)
@@ -351,19 +350,9 @@ def run(args, log=print):
         if getattr(metric, "note", None):
             log(metric.note)
     if args.out:
-        path = Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(out, indent=2, default=_json_default) + "\n")
-        tmp.replace(path)
+        path = strict_json.write(args.out, out, indent=2)  # a NaN FD (diverged samples) is null
         log(f"wrote {path}")
     return out
-
-
-def _json_default(v):
-    if isinstance(v, (np.floating, np.integer)):
-        return v.item()
-    raise TypeError(f"not JSON serializable: {type(v)}")
 
 
 def main(argv=None):

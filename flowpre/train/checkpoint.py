@@ -5,8 +5,13 @@ scheduler state, partitioned by ZeRO stage), `flowpre_shared.pt` (EMAs, step, th
 model config) and one `flowpre_rank00000.pt` per rank (that rank's RNG states and data
 position). Everything is written under a temporary name `.tmp-step...` and the folder
 is renamed only after every rank finished writing: a crash at any point leaves the
-previous checkpoint untouched and the half-written one invisible to `resume=auto`.
+previous checkpoint untouched and the half-written one invisible to `resume=auto`. A write
+that fails (a full disk, a permission lost) stops the run on every rank with a
+CheckpointWriteError naming the file and the free space, after the half-written folder is
+removed; the previous checkpoint is never touched before the new one is complete.
 """
+import errno
+import io
 import json
 import os
 import re
@@ -16,12 +21,17 @@ from pathlib import Path
 
 import torch
 
-from .distributed import barrier
+from flowpre import strict_json
+from flowpre.atomic import write_text
+
+from .distributed import barrier, gather_objects
 from .integrity import DamagedCheckpoint, check, manifest, newest_intact
 
 FINAL = re.compile(r"^step(\d{9})$")
 # Fault injection for tests: SIGKILL this process while writing the checkpoint of this step.
 KILL_ENV = "FLOWPRE_FAULT_KILL_AT_CHECKPOINT"
+# ... or make this step's checkpoint write fail half way with ENOSPC ("STEP" or "STEP:RANK")
+WRITE_FAIL_ENV = "FLOWPRE_FAULT_WRITE_FAIL_AT_CHECKPOINT"
 
 
 def checkpoints_root(run_dir):
@@ -64,27 +74,92 @@ def resolve_resume(resume, run_dir, dist=None, verify=True):
     return path
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (disk full, permission lost); names the path and the
+    free space, and says that the previous checkpoint is intact."""
+
+
+def _free_space(folder):
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def _failed_write(e, path):
+    """One line for a failed write: the file (from the OSError, or the one being written) and why."""
+    where = getattr(e, "filename", None) or path
+    why = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return f"{where}: {why}"
+
+
+def _save(obj, path, step, rank):
+    """torch.save; FLOWPRE_FAULT_WRITE_FAIL_AT_CHECKPOINT=STEP[:RANK] makes it fail half way into the
+    file with ENOSPC, as a full disk does (tests)."""
+    fault = os.environ.get(WRITE_FAIL_ENV, "")
+    at, _, who = fault.partition(":")
+    if at and int(at) == step and (not who or int(who) == rank):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[: buf.tell() // 2])
+        raise OSError(errno.ENOSPC, "No space left on device (injected by " + WRITE_FAIL_ENV + ")", str(path))
+    torch.save(obj, path)
+
+
+def _agree(error, tmp, dist, previous):
+    """Collective: when any rank failed to write, every rank raises the same CheckpointWriteError
+    (after rank 0 removed the half-written folder, so that it does not fill the disk further)."""
+    errors = [e for e in gather_objects(error) if e]
+    if not errors:
+        return
+    if dist.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+    raise CheckpointWriteError(f"checkpoint not written: {errors[0]} ({_free_space(tmp.parent)}); the half-written "
+                               f"{tmp.name} was removed and {kept}. Free space (or move run.dir) and continue "
+                               "with train.resume=auto")
+
+
 def save_checkpoint(engine, run_dir, step, shared_state, rank_state, dist, meta, keep=2):
     root = checkpoints_root(run_dir)
     tag = f".tmp-step{step:09d}"
     tmp, final = root / tag, root / f"step{step:09d}"
+    previous = (complete_checkpoints(run_dir) or [(0, None)])[-1][1]
     if dist.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    torch.save(rank_state, tmp / f"flowpre_rank{dist.rank:05d}.pt")
-    if dist.is_main:
-        torch.save(shared_state, tmp / "flowpre_shared.pt")
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch's writer reports a full disk as a RuntimeError
+        error = _failed_write(e, tmp)
+        barrier()  # the one DeepSpeed's other ranks wait in after their writes
+    if error is None:
+        ours = [(rank_state, tmp / f"flowpre_rank{dist.rank:05d}.pt")]
+        ours += [(shared_state, tmp / "flowpre_shared.pt")] if dist.is_main else []
+        for obj, path in ours:
+            try:
+                _save(obj, path, step, dist.rank)
+            except (OSError, RuntimeError) as e:
+                error = _failed_write(e, path)
+                break
     if os.environ.get(KILL_ENV) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
-    barrier()
+    _agree(error, tmp, dist, previous)
     meta = {**meta, "files": manifest(tmp, dist)}  # every rank hashes a share of the files
     if dist.is_main:
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():  # the same step saved again after a resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            write_text(tmp / "meta.json", strict_json.dumps(meta, indent=1))
+            if final.exists():  # the same step saved again after a resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            error = _failed_write(e, tmp / "meta.json")
+    _agree(error, tmp, dist, previous)
+    if dist.is_main:
         _prune(root, keep)
     barrier()
     return final

@@ -71,3 +71,22 @@ def all_reduce_sum(t):
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` (picklable) on every rank: a decision only rank 0 can make, such as whether
+    the run folder may be used, reaches all ranks, so they fail or go on together."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(obj):
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out

@@ -27,7 +27,7 @@ from flowpre.vae import decode, vae_for_dataset
 from .checkpoint import (check_same_model, checkpoint_weights, checkpoints_root, complete_checkpoints, load_checkpoint,
                          resolve_resume, save_checkpoint)
 from .distributed import barrier, init_distributed
-from . import reshard
+from . import reshard, run_folder
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
 from .metrics import Meter, peak_flops
@@ -156,6 +156,15 @@ def sample_grids(model, cfg, run_dir, step, device, columns, vae=None, text=None
 def train(cfg):
     shards = resolve_shards(cfg.data.shards)  # fails early, naming the pattern
     dist = init_distributed()
+    lock = run_folder.claim(cfg, dist)  # before anything is written into run.dir
+    try:
+        return _train(cfg, shards, dist, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, shards, dist, lock):
     device, run_dir = dist.device, Path(cfg.run.dir)
     dataset = read_dataset_info(shards)
     objective = build(cfg.objective, cfg.model.time_inputs, cfg.train.max_steps)
@@ -194,7 +203,9 @@ def train(cfg):
         print(f"flowpre: {cfg.model.name} {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
               f"{dist.world_size} rank(s), ZeRO {cfg.deepspeed.zero_stage}, {mode}, objective {cfg.objective.name}"
               + (f", resumed from {ckpt} at step {step}" if ckpt else ""), flush=True)
-    report = Reporter(cfg, run_dir, dist.is_main, step, resumed=ckpt is not None, wandb_id=wandb_id)
+    # resume=auto without a checkpoint is this run started over: what it logged will be redone
+    resumed = ckpt is not None or cfg.train.resume == "auto"
+    report = Reporter(cfg, run_dir, dist.is_main, step, resumed=resumed, wandb_id=wandb_id)
 
     loader = ShardLoader(shards, batch_size=micro, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
@@ -239,6 +250,7 @@ def train(cfg):
                       "torch_cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         shared = {"ema": ema.state_dict(), "step": step, "wandb_id": report.wandb.id,
                   "consecutive_skips": guard.consecutive}
+        run_folder.check_still_held(lock, run_dir)
         return save_checkpoint(engine, run_dir, step, shared, rank_state, dist, meta, keep=cfg.train.keep_checkpoints)
 
     while step < cfg.train.max_steps:

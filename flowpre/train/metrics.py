@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from flowpre import strict_json
+
 from .distributed import all_reduce_sum
 
 # dense bf16 peak per GPU, FLOP/s (TARGETS.md)
@@ -40,7 +42,7 @@ class MetricsLog:
     def write(self, record):
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(strict_json.dumps(record) + "\n")  # a skipped step's NaN loss: null
 
 
 class Meter:
