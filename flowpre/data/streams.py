@@ -22,6 +22,7 @@ that would work.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 
 import numpy as np
@@ -29,6 +30,8 @@ import numpy as np
 # Divisible by 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96: the usual GPU counts times the usual
 # worker counts. With lcm(physical workers, 96) a run can later move to any of these.
 STREAMS_BASE = 96
+
+log = logging.getLogger(__name__)
 
 
 def auto_streams(n_shards: int, physical: int) -> int:
@@ -111,3 +114,24 @@ def consumed(stream_local: int, local_positions: int, per_rank: int) -> int:
     rank consumed `local_positions` positions: those l < local_positions with l mod
     per_rank == stream_local."""
     return max(0, -(-(local_positions - stream_local) // per_rank))
+
+
+def run_streams(configured: int, recorded: dict | None, checkpoint, n_shards: int, world_size: int,
+                num_workers: int) -> int:
+    """data.streams for this session: the checkpoint's value (`recorded`, its meta "data"
+    entry) when resuming, else `configured` (0: auto). Raises ValueError naming the key
+    when the config contradicts the checkpoint, or when this layout cannot serve it."""
+    streams = configured or auto_streams(n_shards, world_size * max(1, num_workers))
+    if recorded is None and checkpoint is not None:
+        log.warning("checkpoint %s predates data.streams: its data position is continued in the stream order "
+                    "(data.streams=%d), so this epoch's samples may repeat or be skipped once", checkpoint, streams)
+    if recorded is not None:
+        if configured and configured != recorded["streams"]:
+            raise ValueError(f"data.streams={configured}, but checkpoint {checkpoint} was trained with "
+                             f"data.streams={recorded['streams']}: the sample order depends on it; resume with "
+                             f"data.streams={recorded['streams']} (or 0, which takes the checkpoint's)")
+        streams = recorded["streams"]
+    problem = check_layout(streams, world_size, num_workers)
+    if problem:
+        raise ValueError(problem + ("" if recorded is None else f" (data.streams is fixed by checkpoint {checkpoint})"))
+    return streams

@@ -71,3 +71,12 @@ def all_reduce_sum(t):
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t)
     return t
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: small picklable objects only."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
