@@ -158,3 +158,49 @@ def test_old_shards_without_index_read_with_one_warning(tmp_path, caplog):
                  for k in b["keys"]]
     assert sorted(keys) == sorted(f"0:train-{i // 10:06d}.tar:{i:08d}" for i in range(40))
     assert sum("no sample counts" in r.getMessage() for r in caplog.records) == 2  # one per loader (rank)
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    """A loopback HTTP server (127.0.0.1 only) serving tmp_path; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("opener", ["http", "pipe"])
+def test_remote_shards_with_their_index(http_root, opener, caplog):
+    """http:// and pipe: brace patterns: dataset.json (class names, shard index) read beside the
+    first URL through the same opener; every sample once over 2 ranks; a short shard caught."""
+    from flowpre.data.shard_list import read_dataset_info, shard_counts
+
+    root, base = http_root
+    paths = write_synthetic_latents(root, count=50, shard_size=10, shape=(2, 4, 4), num_classes=5)
+    _truncate(paths[3], 4)
+    pattern = (f"{base}/train-{{000000..000004}}.tar" if opener == "http"
+               else f"pipe:cat {root}/train-{{000000..000004}}.tar")
+    urls = pipeline.resolve_shards(pattern)
+    assert len(urls) == 5 and pipeline.shard_name(urls[0]) == "train-000000.tar"
+    info = read_dataset_info(urls)
+    assert info["class_names"] == [f"class{i}" for i in range(5)] and info["channels"] == 2
+    assert shard_counts(urls) == [10] * 5
+    with caplog.at_level(logging.WARNING, logger="flowpre.data.pipeline"):
+        keys, corrupt = [], 0
+        for rank in range(2):
+            loader = ShardLoader(pattern, batch_size=4, rank=rank, world_size=2, streams=4, epochs=1)
+            keys += [k for b in loader for k in b["keys"]]
+            corrupt += loader.corrupt_count
+    expected = {f"0:train-{i // 10:06d}.tar:{i:08d}" for i in range(50) if not 34 <= i < 40}
+    assert sorted(keys) == sorted(expected) and corrupt == 6
+    assert any("is short" in r.getMessage() and "train-000003.tar" in r.getMessage() for r in caplog.records)

@@ -8,9 +8,11 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlparse
 
 import braceexpand
 import webdataset as wds
@@ -100,9 +102,8 @@ def read_dataset_info(shards: list[str]) -> dict:
     and width are the latent's (what the model sees); "pixel" keeps the images' and
     "latent" the dataset.json entry (scaling, VAE path)."""
     first = shards[0]
-    meta_path = Path(first).parent / "dataset.json"
-    if not _is_remote(first) and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+    meta = dataset_json(first)
+    if meta is not None:
         info = {k: meta[k] for k in ("name", "num_classes", "class_names", "channels", "height", "width",
                                      "has_captions")
                 if k in meta}
@@ -126,22 +127,70 @@ def read_dataset_info(shards: list[str]) -> dict:
     return {**info, "num_classes": max_cls + 1}
 
 
+# the shard's own URL inside a pipe: command ("pipe:aws s3 cp s3://b/train-000001.tar -")
+_PIPE_TARGET = re.compile(r"[^\s'\"]+\.tar\b")
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name, for a path, an http(s) URL or a pipe: command."""
+    if url.startswith("pipe:"):
+        found = _PIPE_TARGET.findall(url)
+        return os.path.basename(found[-1]) if found else url
+    return os.path.basename(urlparse(url).path if "://" in url else url)
+
+
+def beside(url: str, name: str) -> str | None:
+    """The URL (or pipe: command) of file `name` in the shard's folder, or None when the
+    shard's own location cannot be found in it."""
+    if url.startswith("pipe:"):
+        found = _PIPE_TARGET.findall(url)
+        if not found:
+            return None
+        target = found[-1]
+        i = url.rindex(target)
+        return url[:i] + target.rsplit("/", 1)[0] + "/" + name + url[i + len(target):] if "/" in target \
+            else url[:i] + name + url[i + len(target):]
+    if "://" in url:
+        parts = urlparse(url)
+        return parts._replace(path=parts.path.rsplit("/", 1)[0] + "/" + name, query="", fragment="").geturl()
+    return os.path.join(os.path.dirname(url), name)
+
+
+_remote_json: dict[str, dict | None] = {}  # a remote read per process, not per shard
+
+
+def dataset_json(url: str) -> dict | None:
+    """dataset.json beside shard `url`, read through the shards' own opener (a path, curl for
+    http(s), the pipe: command with the shard's name replaced); None when there is none."""
+    where = beside(url, "dataset.json")
+    if where is None:
+        return None
+    if not _is_remote(where):
+        return json.loads(Path(where).read_text()) if os.path.isfile(where) else None
+    if where not in _remote_json:
+        meta = None
+        try:
+            with wds.gopen(where, "rb") as f:
+                data = f.read()
+            meta = json.loads(data) if data.strip() else None
+        except (OSError, ValueError) as e:  # absent (curl -f, a failing command) or not json
+            log.warning("no dataset.json read from %s (%s): guessing the dataset from its first shard", where, e)
+        _remote_json[where] = meta
+    return _remote_json[where]
+
+
 def shard_counts(shards: list[str]) -> list[int] | None:
     """Each shard's sample count from the shard index (the "nsamples" of a split in the
     dataset.json beside it), or None when any shard is missing from it (shards written
-    before the index, or remote ones)."""
-    by_dir: dict[str, dict[str, int]] = {}
-    counts = []
+    before the index)."""
+    counts, indexes = [], {}
     for url in shards:
-        if _is_remote(url):
-            return None
-        folder = os.path.dirname(url)
-        if folder not in by_dir:
-            meta_path = Path(folder) / "dataset.json"
-            meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-            by_dir[folder] = {name: int(n) for split in meta.get("splits", {}).values()
+        where = beside(url, "dataset.json")
+        if where not in indexes:
+            meta = dataset_json(url) or {}
+            indexes[where] = {name: int(n) for split in meta.get("splits", {}).values()
                               for name, n in split.get("nsamples", {}).items()}
-        n = by_dir[folder].get(os.path.basename(url))
+        n = indexes[where].get(shard_name(url))
         if n is None:
             return None
         counts.append(n)
