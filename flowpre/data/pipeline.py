@@ -84,7 +84,7 @@ from .sources import image_mode
 from .streams import StreamPlan, auto_streams, check_layout, consumed
 
 log = logging.getLogger(__name__)
-# an empty epoch in every stream of a worker this many times in a row: nothing is readable
+# a stream whose shards gave no usable sample this many epochs in a row: nothing is readable
 MAX_EMPTY_EPOCHS = 3
 
 
@@ -199,7 +199,9 @@ class ShardStream(torch.utils.data.IterableDataset):
                     skip -= 1
                     continue
                 yield epoch, s
-            empty = empty + 1 if n == 0 else 0
+            # a stream can be dealt nothing in an epoch (it is ahead), or only empty pieces: not a failure
+            expected = any(self.plan.planned(u) != 0 for u in units)
+            empty = 0 if n else empty + expected
             if empty >= MAX_EMPTY_EPOCHS and self.epochs is None:
                 names = sorted({shard_name(self.shards[self.plan.units[u][0]]) for u in units})
                 raise RuntimeError(f"stream {stream} (rank {self.rank}, worker {state.worker}): no usable samples "

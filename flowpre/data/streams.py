@@ -82,13 +82,19 @@ class StreamPlan:
         # samples of unit (i, j): the indices j, j + k, ... below the shard's count
         self.weights = np.array([len(range(j, counts[i], k)) if counts else 1 for i, j in self.units], dtype=np.int64)
         self.counts = counts
-        self._epochs: list[list[list[int]]] = []  # epoch -> stream -> unit ids
-        self._totals = [(0, t) for t in range(streams)]  # running planned samples per stream, a heap
+        self._reset()
+
+    def _reset(self):
+        self._epochs: dict[int, list[list[int]]] = {}  # epoch -> stream -> unit ids; recent epochs only
+        self._next = 0
+        self._totals = [(0, t) for t in range(self.streams)]  # running planned samples per stream, a heap
 
     def epoch(self, epoch: int) -> list[list[int]]:
         """stream -> its unit ids (indices into self.units) in reading order, for `epoch`."""
-        while len(self._epochs) <= epoch:
-            e = len(self._epochs)
+        if epoch < self._next and epoch not in self._epochs:  # pruned: the running totals start at epoch 0
+            self._reset()
+        while self._next <= epoch:
+            e = self._next
             order = np.random.default_rng([self.seed, e, 0x5354]).permutation(len(self.units))
             assigned: list[list[int]] = [[] for _ in range(self.streams)]
             totals = self._totals
@@ -96,7 +102,10 @@ class StreamPlan:
                 total, t = heapq.heappop(totals)
                 assigned[t].append(int(u))
                 heapq.heappush(totals, (total + int(self.weights[u]), t))
-            self._epochs.append(assigned)
+            self._epochs[e] = assigned
+            self._next += 1
+            # the streams of a worker are within about an epoch of each other: older plans are not asked again
+            self._epochs.pop(e - 4, None)
         return self._epochs[epoch]
 
     def planned(self, unit: int) -> int | None:
