@@ -204,3 +204,24 @@ def test_remote_shards_with_their_index(http_root, opener, caplog):
     expected = {f"0:train-{i // 10:06d}.tar:{i:08d}" for i in range(50) if not 34 <= i < 40}
     assert sorted(keys) == sorted(expected) and corrupt == 6
     assert any("is short" in r.getMessage() and "train-000003.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_training_records_streams_and_refuses_other_values(tmp_path):
+    """`flowpre train`: data.streams saved in the checkpoint; resuming with another value, or on a
+    layout that cannot serve it, fails before training with an error naming the key."""
+    from helpers import metrics, train
+
+    shards = write_synthetic_latents(tmp_path / "data", count=48, shard_size=8, shape=(3, 8, 8), num_classes=3)
+    pattern = str(tmp_path / "data" / "train-*.tar")
+    run = tmp_path / "run"
+    train(run, pattern, "train.max_steps=2", "train.checkpoint_every=2", "data.streams=6")
+    meta = json.loads((run / "checkpoints" / "step000000002" / "meta.json").read_text())
+    assert meta["data"] == {"streams": 6, "known": {}} and len(shards) == 6
+    r = train(run, pattern, "train.max_steps=4", "train.resume=auto", "data.streams=12",
+              check=False)
+    assert r.returncode != 0 and "data.streams=12, but checkpoint" in r.stderr and "data.streams=6" in r.stderr
+    r = train(run, pattern, "train.max_steps=4", "train.resume=auto", "data.num_workers=4",
+              check=False)
+    assert r.returncode != 0 and "data.streams=6 cannot be served by 1 rank(s) x 4 data worker(s)" in r.stderr
+    assert "data.num_workers that work on 1 ranks: 1, 2, 3, 6" in r.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2]  # nothing trained by the refused runs
