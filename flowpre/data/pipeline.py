@@ -188,7 +188,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         for epoch in (itertools.count() if self.epochs is None else range(self.epochs)):
             units = self.plan.epoch(epoch)[stream]
             lengths = [self._valid_count(u) for u in units]
-            if None not in lengths and skip >= sum(lengths):  # resume: a whole stream epoch, unread
+            # resume: a whole stream epoch, unread (one known to be empty is read, so that it counts as empty)
+            if None not in lengths and 0 < sum(lengths) <= skip:
                 skip -= sum(lengths)
                 continue
             rng = random.Random(_rng_seed(self.seed, epoch, stream))
