@@ -67,7 +67,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import random
 from typing import Iterator
 
