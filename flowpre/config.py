@@ -127,7 +127,10 @@ class DataConfig:
     shards: str = _f("data/fashion-mnist/train-{000000..000011}.tar")
     num_workers: int = _f(2, lo=0)
     hflip: bool = _f(True)
-    shuffle_buffer: int = _f(2000, lo=0)
+    shuffle_buffer: int = _f(2000, lo=0)  # job-wide total, split over the streams
+    # logical streams (flowpre/data/streams.py): fixed for a run (checkpoints record it), so the sample order
+    # does not depend on the world size; ranks x max(1, num_workers) must divide it. 0 = auto at the first start
+    streams: int = _f(0, lo=0)
 
 
 @dataclass

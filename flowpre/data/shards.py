@@ -8,8 +8,10 @@ Each sample in a shard: key ``{index:08d}`` (index within the split), ``png``
 (lossless PNG), ``cls`` (class id as text), ``json`` (class_name, source, index,
 split and whatever the source adds). Shards are written to a ``.tmp`` name and
 renamed when complete, so a crash never leaves a half shard under a final name.
-``dataset.json`` describes the images and lists, per split, the count and shards;
-writing another split into the same directory adds to it.
+``dataset.json`` describes the images and lists, per split, the count, the shards and
+the shard index: ``nsamples``, each shard's sample count (as webdataset's wids shard
+lists do), from which the reader plans epochs without reading and catches truncated
+shards. Writing another split into the same directory adds to it.
 
 With ``--vae PATH`` (a local diffusers AutoencoderKL) each sample also holds
 ``latent.npy``: its float16 latent (c, h, w), see flowpre/vae.py; dataset.json then
@@ -62,11 +64,12 @@ def _with_latents(samples, vae, batch: int):
 
 
 def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int | None,
-                 vae=None, vae_batch: int = 64) -> tuple[list[str], int]:
-    """Write one split; returns (shard file names, sample count). Samples the source skips
+                 vae=None, vae_batch: int = 64) -> tuple[list[str], list[int]]:
+    """Write one split; returns (shard file names, their sample counts). Samples the source skips
     (unreadable files) are left out of the numbering, so indices stay dense."""
     names: list[str] = []
-    writer, tmp, count = None, None, 0
+    counts: list[int] = []
+    writer, tmp = None, None
 
     def finish():
         writer.close()
@@ -79,6 +82,7 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
                 if writer is not None:
                     finish()
                 names.append(f"{split}-{len(names):06d}.tar")
+                counts.append(0)
                 tmp = out / (names[-1] + ".tmp")
                 # A fixed mtime makes the same data give byte-identical shards.
                 writer = wds.TarWriter(str(tmp), mtime=0)
@@ -88,7 +92,7 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
             if latent is not None:
                 sample[LATENT_KEY] = latent_bytes(latent)
             writer.write(sample)
-            count += 1
+            counts[-1] += 1
         if writer is not None:
             finish()
     except BaseException:
@@ -101,7 +105,7 @@ def _write_split(src: Source, out: Path, split: str, shard_size: int, limit: int
     for stale in out.glob(f"{split}-*.tar"):
         if stale.name not in names:
             stale.unlink()
-    return names, count
+    return names, counts
 
 
 def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "train",
@@ -146,8 +150,9 @@ def write_shards(source: str, out_dir, shard_size: int = 5000, split: str = "tra
 
     paths = []
     for s in splits:
-        names, count = _write_split(src, out, s, shard_size, limit, vae_model, vae_batch)
-        meta["splits"][s] = {"count": count, "skipped": getattr(src, "skipped", 0), "shards": names}
+        names, counts = _write_split(src, out, s, shard_size, limit, vae_model, vae_batch)
+        meta["splits"][s] = {"count": sum(counts), "skipped": getattr(src, "skipped", 0), "shards": names,
+                             "nsamples": dict(zip(names, counts))}
         paths += [str(out / n) for n in names]
         _write_json_atomic(meta_path, meta)
     return paths

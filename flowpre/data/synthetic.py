@@ -28,14 +28,17 @@ DEFAULT_COUNT = 10_000
 CLASS_MEAN_STD = 0.5  # spread of the per-class mean patterns, against unit noise
 
 
-def dataset_meta(count: int, shard_names: list[str], channels: int, size: int, num_classes: int) -> dict:
+def dataset_meta(count: int, shard_names: list[str], channels: int, size: int, num_classes: int,
+                 shard_size: int | None = None) -> dict:
     """dataset.json as `flowpre shards --vae` writes it, with no VAE behind the latents."""
     pixels = size * 8  # what the latents stand for: the SD-VAE's downsampling
     return {"name": SOURCE, "num_classes": num_classes, "class_names": [f"class{i}" for i in range(num_classes)],
             "channels": 3, "height": pixels, "width": pixels,
             "latent": {"channels": channels, "height": size, "width": size, "scaling_factor": 1.0,
                        "shift_factor": 0.0, "vae": None},
-            "splits": {"train": {"count": count, "skipped": 0, "shards": shard_names}}}
+            "splits": {"train": {"count": count, "skipped": 0, "shards": shard_names,
+                                 "nsamples": {name: min(shard_size or count, count - i * (shard_size or count))
+                                              for i, name in enumerate(shard_names)}}}}
 
 
 def write_synthetic_latents(out_dir, count: int = DEFAULT_COUNT, shard_size: int = 1000,
@@ -71,6 +74,6 @@ def write_synthetic_latents(out_dir, count: int = DEFAULT_COUNT, shard_size: int
         if stale.name not in names:
             stale.unlink()
     tmp = meta_path.with_name(meta_path.name + ".tmp")
-    tmp.write_text(json.dumps(dataset_meta(count, names, channels, height, num_classes), indent=2) + "\n")
+    tmp.write_text(json.dumps(dataset_meta(count, names, channels, height, num_classes, shard_size), indent=2) + "\n")
     os.replace(tmp, meta_path)
     return [str(out / n) for n in names]

@@ -16,6 +16,7 @@ import torch
 from flowpre import kernels as K
 from flowpre.config import ConfigError, save_config
 from flowpre.data.pipeline import ShardLoader, read_dataset_info, resolve_shards
+from flowpre.data.streams import run_streams
 from flowpre.weights import load_model, save_weights
 from flowpre.images import class_columns, save_labeled_grid, steps_label
 from flowpre.models.dit import DiT, build_dit
@@ -26,7 +27,7 @@ from flowpre.vae import decode, vae_for_dataset
 
 from .checkpoint import (check_same_model, checkpoint_weights, checkpoints_root, complete_checkpoints, load_checkpoint,
                          resolve_resume, save_checkpoint)
-from .distributed import barrier, init_distributed
+from .distributed import barrier, gather_objects, init_distributed
 from . import reshard, run_folder
 from .ema import DualEma
 from .engine import autocast, build_engine, precision
@@ -180,6 +181,12 @@ def _train(cfg, shards, dist, lock):
 
     step, batches, wandb_id, consecutive_skips = 0, 0, None, 0
     ckpt = resolve_resume(cfg.train.resume, run_dir, dist)
+    # the stream count fixes the sample order: from the checkpoint, and refused here if this layout cannot serve it
+    data_state = json.loads((Path(ckpt) / "meta.json").read_text()).get("data") if ckpt is not None else None
+    try:
+        streams = run_streams(cfg.data.streams, data_state, ckpt, len(shards), dist.world_size, cfg.data.num_workers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if ckpt is not None:
         check_same_model(ckpt, model.config(), cfg.model.name)
         position = reshard.data_position(ckpt, cfg.train.batch_size, dist.world_size, micro)
@@ -209,7 +216,8 @@ def _train(cfg, shards, dist, lock):
 
     loader = ShardLoader(shards, batch_size=micro, rank=dist.rank, world_size=dist.world_size,
                          num_workers=cfg.data.num_workers, seed=cfg.train.seed, hflip=cfg.data.hflip,
-                         shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches)
+                         shuffle_buffer=cfg.data.shuffle_buffer, start_batch=batches, streams=streams,
+                         known=(data_state or {}).get("known"))
     batch_iter = iter(loader)
     # debugging and tests: which samples each rank trained on at which step
     sample_log = os.environ.get(SAMPLE_LOG_ENV)
@@ -238,7 +246,9 @@ def _train(cfg, shards, dist, lock):
     preemption, stop = Preemption(dist.rank), False
 
     def save(step):
+        known = {k: v for rank_known in gather_objects(loader.known) for k, v in rank_known.items()}
         meta = {"step": step, "world_size": dist.world_size, "zero_stage": cfg.deepspeed.zero_stage,
+                "data": {"streams": loader.streams, "known": known},
                 "micro_batch": micro, "samples": batches * micro * dist.world_size,
                 "global_batch": cfg.train.batch_size, "model": model.config(), "model_name": cfg.model.name,
                 "dataset": dataset, "objective": cfg.objective.name,
