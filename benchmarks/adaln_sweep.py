@@ -17,6 +17,7 @@ Prints a table and writes JSON (after every row, so a cut-off run keeps what it 
 import argparse
 import datetime
 import itertools
+import json
 import os
 import subprocess
 import sys

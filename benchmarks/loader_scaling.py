@@ -21,7 +21,6 @@ from the files over one epoch.
 """
 import argparse
 import collections
-import json
 import os
 import platform
 import sys
@@ -35,6 +34,7 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from flowpre import strict_json  # noqa: E402
 from flowpre.data import shard_list  # noqa: E402
 from flowpre.data.pipeline import ShardLoader, resolve_shards, shard_counts  # noqa: E402
 from flowpre.data.shards import write_shards  # noqa: E402
@@ -161,7 +161,7 @@ def main(argv=None):
                       f"{row['read_over_dataset']:12.3f} {first:7.1f}", flush=True)
                 if args.out:  # as it goes: a cut-off run keeps what it measured
                     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+                    Path(args.out).write_text(strict_json.dumps(report, indent=1) + "\n")
     report["load_avg_at_end"] = os.getloadavg()
     for kind in datasets:  # the issue's goal: rank 0 at W=64 delivers >= 0.8x its W=1 rate, per worker
         for workers in (int(w) for w in args.workers.split(",")):
@@ -171,7 +171,7 @@ def main(argv=None):
                 report.setdefault("rank0_w64_over_w1", {})[f"{kind}/{workers}"] = ratio
                 print(f"{kind} {workers} worker(s): rank 0 at W=64 delivers {ratio:.2f}x its W=1 rate")
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        Path(args.out).write_text(strict_json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -14,7 +14,6 @@ its class histogram from the dataset's (0 = the same proportions), averaged over
 """
 import argparse
 import itertools
-import json
 import os
 import random
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from flowpre import strict_json  # noqa: E402
 from flowpre.data.pipeline import _rng_seed, _shuffled  # noqa: E402
 from flowpre.data.streams import StreamPlan  # noqa: E402
 
@@ -82,7 +82,7 @@ def main(argv=None):
               f"of {args.classes}; TV distance from the dataset's class mix: {result[k]['tv_from_dataset']:.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+            f.write(strict_json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from flowpre import __version__
+from flowpre import __version__, strict_json
 from flowpre.weights import WEIGHTS_NAME, WeightsError, save_weights
 
 CONFIG_NAME, TRAINING_CONFIG, SAMPLES, CARD = "config.json", "training_config.yaml", "samples.png", "README.md"
@@ -134,7 +134,7 @@ def write_model_folder(out, state, meta, which, run_dir, eval_file=None, license
     tmp.mkdir(parents=True)
     try:
         save_weights(state, tmp / WEIGHTS_NAME, meta, which)
-        (tmp / CONFIG_NAME).write_text(json.dumps(folder_config(meta, which), indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(strict_json.dumps(folder_config(meta, which), indent=2) + "\n")
         shutil.copyfile(run_dir / "config.yaml", tmp / TRAINING_CONFIG)
         write_sample_grid(tmp / WEIGHTS_NAME, tmp / SAMPLES, run_config, out.name)
         params = sum(v.numel() for v in state.values())

@@ -11,7 +11,7 @@ from flowpre.models.dit import build_dit
 from flowpre.objectives.base import drop_labels
 from flowpre.sampling import euler_sample, guided_velocity
 
-from helpers import flowpre, metrics, train
+from helpers import flowpre, metrics, save_tiny_bert, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,15 +53,7 @@ def tiny_t5(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
     """A 2-layer BERT with a word-level BERT tokenizer ([CLS] ... [SEP]) saved beside it."""
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "a dog face red heart grinning woman scientist".split()
-    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(path))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(str(path))
-    return path
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def test_clip_tokenizer_is_the_real_vocabulary():
