@@ -44,8 +44,8 @@ ADALN_SHAPES = [(256, 64, 384), (256, 256, 768), (64, 256, 1024), (32, 1024, 115
 
 def cases(arch=80):
     """Every (kernel, config, specialisation) a GPU of sm_`arch` can launch, as JSON-able dicts."""
-    from kernels import adaln, loss
-    from kernels.attention_kernels import _TABLES, _TABLES_SM80
+    from flowpre.kernels import adaln, loss
+    from flowpre.kernels.attention_kernels import _TABLES, _TABLES_SM80
     import triton
     tables = _TABLES_SM80 if arch < 90 else _TABLES
     out = []
@@ -89,7 +89,7 @@ def _finish_block_k(n_chunks):
     """BLOCK_K of flow_loss_forward's finishing launch, read off its source so the two cannot drift."""
     import inspect
     import re
-    from kernels import loss
+    from flowpre.kernels import loss
     cap = int(re.search(r"BLOCK_K=min\((\d+), triton\.next_power_of_2\(n_chunks\)\)",
                         inspect.getsource(loss)).group(1))
     return min(cap, 1 << (n_chunks - 1).bit_length())
@@ -97,8 +97,8 @@ def _finish_block_k(n_chunks):
 
 def _attention_launch(case):
     import torch
-    A = __import__("kernels.attention", fromlist=["_meta"])
-    K = __import__("kernels.attention_kernels", fromlist=["_fwd_kernel"])
+    A = __import__("flowpre.kernels.attention", fromlist=["_meta"])
+    K = __import__("flowpre.kernels.attention_kernels", fromlist=["_fwd_kernel"])
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[case["dtype"]]
     q = torch.empty(4, 16, 1024, case["D"], dtype=dtype, device="meta")
     meta, align = A._meta(q), A._align(q)
@@ -132,7 +132,7 @@ def _attention_launch(case):
 
 def _adaln_launch(case):
     import triton.language as tl
-    from kernels import adaln
+    from flowpre.kernels import adaln
     B, N, C = case["shape"]
     launch = adaln.Launch(**case["launch"])
     consts = dict(RESIDUAL=case["gated"], ACC=tl.float32, **launch.constexprs())
@@ -150,7 +150,7 @@ def _adaln_launch(case):
 
 def _loss_launch(case):
     import triton.language as tl
-    from kernels import loss as L
+    from flowpre.kernels import loss as L
     M, B = 4 * 32 * 32, 256  # a DiT latent batch; the block is the config
     if case["kernel"] == "loss_sq_err":
         args = dict(P="*bf16", T="*bf16", PART="*fp32", M=M, n_chunks=5, tiles_per_prog=3)
@@ -166,7 +166,7 @@ def _loss_launch(case):
 
 def compile_case(case, arch=80):
     """Registers, spills, shared memory and occupancy of one case compiled for sm_`arch`."""
-    from kernels import registers
+    from flowpre.kernels import registers
     kind = case["kernel"].split("_")[0]
     kernel, args, consts, warps, stages = {"attention": _attention_launch, "adaln": _adaln_launch,
                                            "loss": _loss_launch}[kind](case)
@@ -230,7 +230,7 @@ def main(argv=None):
     ap.add_argument("--out", default="benchmarks/results/a100_configs.json")
     ap.add_argument("--arch", type=int, default=80, choices=sorted(SHARED_PER_BLOCK))
     args = ap.parse_args(argv)
-    from kernels import registers
+    from flowpre.kernels import registers
     import triton
     if not registers.available():
         print("this triton install bundles no ptxas/cuobjdump; cannot compile offline")

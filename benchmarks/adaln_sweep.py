@@ -30,8 +30,8 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from kernels import adaln, bench, registers  # noqa: E402
-from kernels.backend import interpreter_on  # noqa: E402
+from flowpre.kernels import adaln, bench, registers  # noqa: E402
+from flowpre.kernels.backend import interpreter_on  # noqa: E402
 from flowpre import strict_json  # noqa: E402
 
 # (B, N, C): DiT-XL/2 at 512 px, DiT-B/2 and DiT-S/2 at 256 px (as in kernels/bench.py)

@@ -35,9 +35,9 @@ if not torch.cuda.is_available():  # read when the kernels are decorated, so bef
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from kernels import bench  # noqa: E402
-from kernels.attention import attention_forward  # noqa: E402
-from kernels.attention_jvp import attention_jvp_forward  # noqa: E402
+from flowpre.kernels import bench  # noqa: E402
+from flowpre.kernels.attention import attention_forward  # noqa: E402
+from flowpre.kernels.attention_jvp import attention_jvp_forward  # noqa: E402
 from flowpre import strict_json  # noqa: E402
 
 SMOKE_SHAPE = (1, 2, 64, 64, 72)  # B, H, M, N, D

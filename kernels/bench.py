@@ -1,4 +1,4 @@
-"""Side-by-side kernel benchmarks on one CUDA device: `python -m kernels.bench --out FILE [--quick]`.
+"""Side-by-side kernel benchmarks on one CUDA device: `python -m flowpre.kernels.bench --out FILE [--quick]`.
 
 Every number in a run comes from the same device and process, so the ratios are the
 result; absolute figures always travel with the device name. A kernel that fails

@@ -182,7 +182,7 @@ else
 fi
 
 begin kernels "$BENCH_S" "3/6 kernel benchmarks"
-timeout "$BENCH_S" "${INTERPRET[@]}" python3 -m kernels.bench --out "$STAGE/kernels.json" $REHEARSE_FLAG \
+timeout "$BENCH_S" "${INTERPRET[@]}" python3 -m flowpre.kernels.bench --out "$STAGE/kernels.json" $REHEARSE_FLAG \
     ${BENCH_FLAGS:-} 2>&1 | tee "$STAGE/bench.log"
 record kernels "${PIPESTATUS[0]}" $t "$BENCH_S"
 

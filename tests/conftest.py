@@ -57,6 +57,31 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
 
 
+def stale_kernel_ops():
+    """The torch custom ops that flowpre.kernels calls but torch no longer has registered.
+
+    Defining an op a second time (its module run again under another name or from its file)
+    makes torch free the first registration; the first copy's calls then read freed memory.
+    That was issue 26's random std::bad_alloc and segfaults, so every test is checked."""
+    from torch._library.custom_ops import OPDEFS, CustomOpDef
+
+    stale = []
+    for name, module in list(sys.modules.items()):
+        if name.startswith("flowpre.kernels") and module is not None:
+            for value in vars(module).values():
+                if isinstance(value, CustomOpDef) and OPDEFS.get(value._qualname) is not value:
+                    stale.append(f"{name}: {value._qualname}")
+    return sorted(set(stale))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item):
+    stale = stale_kernel_ops()
+    if stale:
+        pytest.exit(f"{item.nodeid} re-registered flowpre's custom ops; every later kernel call would read "
+                    f"freed memory: {stale[:3]} (import the kernels as flowpre.kernels only)", returncode=3)
+
+
 @pytest.fixture
 def kernel_device():
     """Where kernel tests run: CUDA when present, else the CPU through the interpreter."""

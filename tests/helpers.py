@@ -1,6 +1,7 @@
 """Running `flowpre` in subprocesses, as users and launchers do."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,14 @@ def env(**extra):
         e.pop(k, None)
     e.update(extra)
     return e
+
+
+def free_port():
+    """A port nothing listens on now. Fixed ports collide when two suites (or a suite and an
+    experiment's launch) run on one machine: EADDRINUSE, a random red run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def flowpre(*args, timeout=600, extra_env=None, check=True):

@@ -15,10 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    from flowpre.kernels import attention_kernels, registers
-except ImportError:
-    from kernels import attention_kernels, registers
+from flowpre.kernels import attention_kernels, registers
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "benchmarks" / "results" / "a100_configs.json"

@@ -9,7 +9,7 @@ import torch
 from flowpre.train import ema as ema_module
 from flowpre.train.ema import DualEma
 
-from helpers import flowpre, launch, metrics, weights
+from helpers import flowpre, free_port, launch, metrics, weights
 
 
 def tiny():
@@ -135,7 +135,7 @@ def test_sharded_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
     for stage in (0, 3):
         run = tmp_path / f"z{stage}"
         launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29650 + stage)], run, str(digits / "train-*.tar"), f"deepspeed.zero_stage={stage}",
+                str(free_port())], run, str(digits / "train-*.tar"), f"deepspeed.zero_stage={stage}",
                "objective.name=scfm", "train.max_steps=4", "ema.fast_decay=0.5", "ema.slow_decay=0.8",
                "train.checkpoint_every=2", "sample.every=2")
         ema_bytes[stage] = metrics(run)[-1]["ema_bytes_per_rank"]

@@ -2,10 +2,7 @@
 import pytest
 import torch
 
-try:
-    from flowpre.kernels import adaln
-except ImportError:
-    from kernels import adaln
+from flowpre.kernels import adaln
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # odd C (masked columns), N = 1 (one token per sample), N = 77 (several chunks, last partial)

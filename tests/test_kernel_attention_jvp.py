@@ -30,14 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-try:
-    jvp = importlib.import_module("flowpre.kernels.attention_jvp")
-    attn = importlib.import_module("flowpre.kernels.attention")
-    registers = importlib.import_module("flowpre.kernels.registers")
-except ImportError:  # running from the repo without the package installed
-    jvp = importlib.import_module("kernels.attention_jvp")
-    attn = importlib.import_module("kernels.attention")
-    registers = importlib.import_module("kernels.registers")
+jvp = importlib.import_module("flowpre.kernels.attention_jvp")
+attn = importlib.import_module("flowpre.kernels.attention")
+registers = importlib.import_module("flowpre.kernels.registers")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -231,10 +226,10 @@ def test_gpu_builds_fit_registers_and_shared_memory():
     compile (some ieee-fp32 builds abort inside LLVM on sm_90; see attention_jvp.py)."""
     script = """
 import importlib, json, torch
-A = importlib.import_module("kernels.attention")
-J = importlib.import_module("kernels.attention_jvp")
-K = importlib.import_module("kernels.attention_jvp_kernels")
-from kernels import registers
+A = importlib.import_module("flowpre.kernels.attention")
+J = importlib.import_module("flowpre.kernels.attention_jvp")
+K = importlib.import_module("flowpre.kernels.attention_jvp_kernels")
+from flowpre.kernels import registers
 small = K.JVP_TABLES["small"]
 cases = [(72, torch.bfloat16, 90, cfg) for cfg in small]
 cases += [(d, torch.bfloat16, arch, small[0]) for d, arch in ((64, 90), (128, 90), (64, 80), (72, 80))]

@@ -2,10 +2,7 @@
 import pytest
 import torch
 
-try:
-    from flowpre.kernels import bench, loss
-except ImportError:
-    from kernels import bench, loss
+from flowpre.kernels import bench, loss
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (shape, num_groups): trailing dims of every rank, a sample spanning several tiles

@@ -13,10 +13,7 @@ import sys
 import pytest
 import torch
 
-try:
-    from flowpre.kernels import registers
-except ImportError:
-    from kernels import registers
+from flowpre.kernels import registers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DiT-S/B/L/XL widths, and Flux's 3072, at DiT token counts
@@ -44,7 +41,7 @@ def _compile_report(shapes):
 import json, sys
 sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r})
 import adaln_sweep
-from kernels import adaln
+from flowpre.kernels import adaln
 out = []
 for B, N, C in {shapes!r}:
     for gated in (True, False):
@@ -53,7 +50,7 @@ for B, N, C in {shapes!r}:
             res = adaln_sweep.static((B, N, C), launch, gated, backward=backward)
             out.append(dict(C=C, gated=gated, backward=backward, launch=launch._asdict(), **res))
 # what the backward's grid sizing reads from a kernel compiled on the GPU
-from kernels import registers
+from flowpre.kernels import registers
 import triton.language as tl
 B, N, C = {shapes[-2]!r}
 launch = adaln.launch_config(C, N, backward=True)
@@ -100,7 +97,7 @@ def test_interpreted_kernel_is_refused_with_a_reason():
     try:
         from flowpre.kernels import adaln
     except ImportError:
-        from kernels import adaln
+        from flowpre.kernels import adaln
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         pytest.skip("kernels are compiled in this process (CUDA run)")
     with pytest.raises(TypeError, match="TRITON_INTERPRET"):
@@ -163,7 +160,7 @@ class StandInCuda:  # what JITFunction.warmup asks of a driver; nothing is launc
     def get_current_target(self): return GPUTarget("cuda", 90, 32)
     def get_active_torch_device(self): return torch.device("cpu")
 driver.set_active(StandInCuda())
-from kernels import adaln
+from flowpre.kernels import adaln
 torch.cuda.get_device_properties = lambda d: types.SimpleNamespace(multi_processor_count=132)
 real = adaln._backward_slots
 
@@ -196,9 +193,9 @@ def test_attention_gpu_path_compiles_for_sm90():
     and a wide fp16 head (D = 200); at DiT shapes it must not spill."""
     script = """
 import importlib, json, torch
-A = importlib.import_module("kernels.attention")
-K = importlib.import_module("kernels.attention_kernels")
-from kernels import registers
+A = importlib.import_module("flowpre.kernels.attention")
+K = importlib.import_module("flowpre.kernels.attention_kernels")
+from flowpre.kernels import registers
 out = []
 for D, dtype in ((72, torch.bfloat16), (200, torch.float16)):
     q = torch.empty(4, 16, 1024, D, dtype=dtype, device="meta")
@@ -244,9 +241,9 @@ def test_loss_and_attention_delta_kernels_compile_for_sm90():
     script = """
 import importlib, json
 import triton.language as tl
-K = importlib.import_module("kernels.attention_kernels")
-L = importlib.import_module("kernels.loss")
-from kernels import registers
+K = importlib.import_module("flowpre.kernels.attention_kernels")
+L = importlib.import_module("flowpre.kernels.loss")
+from flowpre.kernels import registers
 M, B = 4 * 32 * 32, 256
 block, warps = L._block(M)
 cases = [

@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import torch
 
 from flowpre.data.shards import write_shards
 
-from helpers import TINY, env, metrics, write_empty_config
+from helpers import TINY, env, free_port, metrics, write_empty_config
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHERS = ROOT / "launchers"
@@ -48,12 +47,6 @@ def link_tools(bin_dir):
         assert target.is_file(), f"{target} is missing: install torch and flowpre into this Python"
         (bin_dir / tool).symlink_to(target)
     return bin_dir
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake(bin_dir, name, body):

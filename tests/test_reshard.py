@@ -15,7 +15,7 @@ from flowpre.data.shards import write_shards
 from flowpre.train.engine import deepspeed_config
 from flowpre.train.reshard import _convert
 
-from helpers import TINY, env, flowpre, metrics, train, weights, write_empty_config
+from helpers import TINY, env, flowpre, free_port, metrics, train, weights, write_empty_config
 
 EPOCH = 96  # samples: 12 steps of 8
 COMMON = ["train.checkpoint_every=3", "train.lr=0.005", "train.warmup_steps=10", "data.num_workers=2"]
@@ -28,11 +28,11 @@ def digits(tmp_path_factory):
     return str(out / "train-*.tar")
 
 
-def _run(world, run, shards, *overrides, log=None, port=29680):
+def _run(world, run, shards, *overrides, log=None):
     extra = {"FLOWPRE_SAMPLE_LOG": str(log)} if log else None
     if world == 1:
         return train(run, shards, *overrides, extra_env=extra).stdout
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(port),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(free_port()),
            "-m", "flowpre.cli", "train", "--config", str(write_empty_config(run)), f"run.dir={run}",
            f"data.shards={shards}", *TINY, *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env(**(extra or {})))
@@ -83,7 +83,7 @@ def test_resume_on_another_world_size(tmp_path, digits, stage, before, after):
     shutil.copytree(ckpt6, tmp_path / "w6" / ckpt6.name)
     adam6 = _optimizer_state(tmp_path / "w6" / ckpt6.name, tmp_path / "w6")
     # zero steps on the new world size: load, then save again; the state is unchanged
-    out = _run(after, split, digits, "train.max_steps=6", "train.resume=auto", *common, port=29690)
+    out = _run(after, split, digits, "train.max_steps=6", "train.resume=auto", *common)
     assert "resumed from" in out and "at step 6" in out
     (tmp_path / "w6b").mkdir()
     again = _export(split, tmp_path / "w6b")
@@ -97,8 +97,7 @@ def test_resume_on_another_world_size(tmp_path, digits, stage, before, after):
     for k in adam:
         torch.testing.assert_close(adam[k], adam6[k], atol=1e-9, rtol=0, msg=k)
     # then train on to step 16 on the new world size
-    _run(after, split, digits, "train.max_steps=16", "train.resume=auto", *common, log=tmp_path / "log_split",
-         port=29700)
+    _run(after, split, digits, "train.max_steps=16", "train.resume=auto", *common, log=tmp_path / "log_split")
 
     # every sample of epoch 0 exactly once across the switch, and per step the same ones as straight
     a, b = _keys(tmp_path / "log_straight"), _keys(tmp_path / "log_split")

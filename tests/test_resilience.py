@@ -16,7 +16,7 @@ from flowpre.data.shards import write_shards
 from flowpre.train.nonfinite import parse_faults
 from flowpre.train.preemption import Preemption
 
-from helpers import TINY, env, flowpre, metrics, train, weights, write_empty_config
+from helpers import TINY, env, flowpre, free_port, metrics, train, weights, write_empty_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def digits(tmp_path_factory):
 
 def torchrun_cmd(run, shards, *overrides):
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-            str(29700 + os.getpid() % 200), "-m", "flowpre.cli", "train", "--config", str(write_empty_config(run)),
+            str(free_port()), "-m", "flowpre.cli", "train", "--config", str(write_empty_config(run)),
             f"run.dir={run}", f"data.shards={shards}", *TINY, *overrides]
 
 

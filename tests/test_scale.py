@@ -8,7 +8,7 @@ from flowpre.config import load_config
 from flowpre.data.shards import write_shards
 from flowpre.train.plan import make_plan
 
-from helpers import flowpre, launch, metrics, weights
+from helpers import flowpre, free_port, launch, metrics, weights
 
 GIB = 2 ** 30
 
@@ -55,7 +55,7 @@ def test_zero3_ema_activation_checkpointing_grad_accum(tmp_path):
                         "z3": ["deepspeed.zero_stage=3", "train.activation_checkpointing=true"]}.items():
         run = tmp_path / name
         launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(29670 + len(out))], run, str(digits / "train-*.tar"), *extra, "train.grad_accum=2",
+                str(free_port())], run, str(digits / "train-*.tar"), *extra, "train.grad_accum=2",
                "train.max_steps=4", "train.checkpoint_every=4")
         out[name] = [m["loss"] for m in metrics(run)]
         for which in ("slow", "none"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from flowpre.data.shards import write_shards
 
-from helpers import flowpre, launch, metrics, train, weights
+from helpers import flowpre, free_port, launch, metrics, train, weights
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,10 @@ def test_two_ranks_zero_stages_agree(tmp_path, digits, launcher):
     """Same 5-step loss sequence at ZeRO 1, 2, 3 on 2 CPU ranks in fp32 (and ZeRO 0 as reference)."""
     if launcher == "torchrun":
         runs = {stage: [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29610 + stage)] for stage in (0, 1, 2, 3)}
+                        "--master_port", str(free_port())] for stage in (0, 1, 2, 3)}
     else:  # the deepspeed launcher, one stage is enough on top of torchrun's four
         runs = {2: [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-                    "--master_port", "29620"]}
+                    "--master_port", str(free_port())]}
     losses = {}
     for stage, cmd in runs.items():
         run = tmp_path / f"zero{stage}"
