@@ -7,9 +7,6 @@ top of the first file pytest imports. On a CUDA machine the real kernels run.
 import hashlib
 import os
 import sys
-import time
-import warnings
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -19,20 +16,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # a lock every other DeepSpeed process waits on) - seen as 600 s test timeouts.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(
     "~/.cache/flowpre/torch_extensions/" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:12]))
-STALE_BUILD_LOCK_S = 900  # a JIT build takes 1-2 minutes here
+from flowpre.train.distributed import remove_stale_build_locks  # noqa: E402
 
-
-def _remove_stale_build_locks(root):
-    """torch's extension builder waits forever on a lock file whose builder was killed (a
-    timed-out test's subprocess): every later DeepSpeed process would hang on it."""
-    for lock in Path(root).glob("*/lock"):
-        age = time.time() - lock.stat().st_mtime
-        if age > STALE_BUILD_LOCK_S:
-            warnings.warn(f"removing {lock}: a JIT build lock left {age / 60:.0f} min ago by a killed build")
-            lock.unlink(missing_ok=True)
-
-
-_remove_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
+remove_stale_build_locks(os.environ["TORCH_EXTENSIONS_DIR"])
 
 import torch  # noqa: E402
 

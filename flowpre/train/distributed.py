@@ -7,7 +7,10 @@ The global rank picks data shards and seeds; the local rank picks the GPU.
 """
 import os
 import socket
+import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -30,8 +33,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
+STALE_BUILD_LOCK_S = 900  # DeepSpeed's CPU op builds in 1-2 minutes; a lock this old has no builder
+
+
+def remove_stale_build_locks(root=None, stale_after_s=STALE_BUILD_LOCK_S):
+    """torch's extension builder (DeepSpeed's JIT ops) waits, silently and forever, on the
+    lock file of a build that was killed (Ctrl-C during a first run's build): every later
+    run would hang at start-up. Such locks are removed with a warning naming the file."""
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    removed = []
+    # TORCH_EXTENSIONS_DIR/<op>/lock, or <default root>/py311_cpu/<op>/lock
+    for lock in [*Path(root).glob("*/lock"), *Path(root).glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # another rank removed it first
+            continue
+        if age > stale_after_s:
+            warnings.warn(f"removing {lock}: a JIT build lock left {age / 60:.0f} min ago by a build that "
+                          "was killed; torch would wait on it forever")
+            lock.unlink(missing_ok=True)
+            removed.append(lock)
+    return removed
+
+
 def prepare_environment():
     """Fill in the launcher variables when missing; must run before importing deepspeed."""
+    remove_stale_build_locks()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
