@@ -4,7 +4,7 @@ if __name__ != "flowpre.kernels":
     # sys.path) runs it twice, and the second run re-registers every torch custom op
     # (torch.ops.flowpre.*). torch then frees the first registration while the first copy,
     # the one flowpre's model calls, still points at it: a use-after-free that surfaced as
-    # random std::bad_alloc and segfaults in later kernel calls (issue 26).
+    # random std::bad_alloc and segfaults in later kernel calls.
     raise ImportError(f"kernels/ is the package flowpre.kernels; import it under that name, not as {__name__!r} "
                       "(pip install -e . maps it; without an install, link flowpre/kernels to ../kernels)")
 from .adaln import adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference

@@ -48,7 +48,7 @@ def stale_kernel_ops():
 
     Defining an op a second time (its module run again under another name or from its file)
     makes torch free the first registration; the first copy's calls then read freed memory.
-    That was issue 26's random std::bad_alloc and segfaults, so every test is checked."""
+    That was the suite's random std::bad_alloc and segfaults, so every test is checked."""
     from torch._library.custom_ops import OPDEFS, CustomOpDef
 
     stale = []

@@ -3,7 +3,7 @@
 Under TRITON_INTERPRET=1 a kernel's loads and stores are raw pointer accesses into the
 torch tensors it was given (on CPU no copy is made). A masked store whose mask lets one
 element too many through writes past the tensor into the heap, silently; the damage shows
-up later, in another test, as std::bad_alloc or a crash (issue 26). On a GPU the same bug
+up later, in another test, as std::bad_alloc or a crash. On a GPU the same bug
 writes into a neighbouring allocation. So every test that runs a kernel under the
 interpreter checks, at each load, store and atomic, that every enabled lane's address lies
 inside one of the kernel's tensor arguments (the extent of the view, not just its storage),

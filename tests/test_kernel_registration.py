@@ -1,4 +1,4 @@
-"""The kernels' torch custom ops are registered once, by one module copy (issue 26).
+"""The kernels' torch custom ops are registered once, by one module copy.
 
 A second copy of kernels/ (a bare `import kernels` with the repo on sys.path, as the
 benchmarks once did) re-registers every torch.ops.flowpre op; torch frees the first
