@@ -6,11 +6,8 @@ setup(
     version="0.1.0",
     description="Pretrain DiT flow-matching models that sample well in 1-8 steps",
     python_requires=">=3.10",
-    # kernels/ lives at the top level (Triton kernels beside their references) and is
-    # installed as flowpre.kernels.
     packages=["flowpre", "flowpre.models", "flowpre.objectives", "flowpre.data",
               "flowpre.train", "flowpre.eval", "flowpre.kernels"],
-    package_dir={"flowpre": "flowpre", "flowpre.kernels": "kernels"},
     package_data={"flowpre.eval": ["weights/*.safetensors"]},
     install_requires=[
         "torch>=2.4",

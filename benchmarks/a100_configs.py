@@ -3,11 +3,11 @@
     python benchmarks/a100_configs.py --out benchmarks/results/a100_configs.json [--arch 80]
 
 Attention (forward, delta, dK/dV, dQ): every row of every autotuning pool in
-kernels/attention_kernels.py, at the head widths that pool serves (its narrowest DiT case
+flowpre/kernels/attention_kernels.py, at the head widths that pool serves (its narrowest DiT case
 and its widest), both EVEN_N variants where the kernel has them. adaLN (forward and
 backward, gated and plain): the tiling launch_config picks at every DiT width and token
 count. Loss: every block size _block can pick, and the finishing kernel at every group
-block. Each is compiled as a bf16 launch would be (kernels/registers.py: ptxas from
+block. Each is compiled as a bf16 launch would be (flowpre/kernels/registers.py: ptxas from
 triton's wheel, no GPU) and its registers, spills and shared memory read from the cubin.
 
 A config fits when it spills nothing (no stack frame) and its shared memory is within the

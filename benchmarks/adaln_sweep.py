@@ -1,11 +1,11 @@
 """Sweep the adaLN kernels' tiling at DiT widths: `python benchmarks/adaln_sweep.py --out FILE`.
 
 Every candidate tiling (column layout, rows per tile, warps, prefetch) is compiled for
-the GPU and its registers, spills and occupancy read from the cubin (kernels/registers.py).
+the GPU and its registers, spills and occupancy read from the cubin (flowpre/kernels/registers.py).
 On CUDA each candidate that does not spill is then timed side by side with the tiling
 launch_config picks today and with torch.compile of the reference: forward+backward
 of gated_residual_adaln and of adaln_modulate (bf16, CUDA graph, GPU time, L2 flushed),
-in GB/s and % of HBM peak, bytes counted as in kernels/bench.py.
+in GB/s and % of HBM peak, bytes counted as in flowpre/kernels/bench.py.
 Without CUDA (or with --offline) nothing is timed: the table is registers and
 occupancy for sm_90 only, which is what can be checked before a change reaches a GPU.
 With --rehearse (and TRITON_INTERPRET=1) the GPU path runs on the CPU, to check the
@@ -34,7 +34,7 @@ from flowpre.kernels import adaln, bench, registers  # noqa: E402
 from flowpre.kernels.backend import interpreter_on  # noqa: E402
 from flowpre import strict_json  # noqa: E402
 
-# (B, N, C): DiT-XL/2 at 512 px, DiT-B/2 and DiT-S/2 at 256 px (as in kernels/bench.py)
+# (B, N, C): DiT-XL/2 at 512 px, DiT-B/2 and DiT-S/2 at 256 px (as in flowpre/kernels/bench.py)
 SHAPES = [(32, 1024, 1152), (256, 256, 768), (256, 64, 384)]
 SMS = 132  # H100 SXM and H200: the backward's grid is sized by the SM count
 BF16, FP32 = "*bf16", "*fp32"

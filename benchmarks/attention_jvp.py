@@ -1,8 +1,8 @@
 """Fused forward-mode attention against torch.func.jvp: `python benchmarks/attention_jvp.py --out FILE`.
 
-On CUDA, at the DiT attention shapes of kernels/bench.py (bf16, H = 16, B = 2**16 // N,
+On CUDA, at the DiT attention shapes of flowpre/kernels/bench.py (bf16, H = 16, B = 2**16 // N,
 N in 256/1024/4096, D in 64/72/128; --cross adds the text cross-attention shapes),
-each row times, with the same timer as kernels/bench.py (triton's do_bench, median):
+each row times, with the same timer as flowpre/kernels/bench.py (triton's do_bench, median):
   triton_jvp     attention_jvp_forward: out and tangent_out in one pass
   func_jvp_math  torch.func.jvp of scaled_dot_product_attention on its math path
                  (PyTorch's fused SDPA kernels refuse forward-mode AD); materialises

@@ -22,7 +22,7 @@ STAGES = {
     "train_throughput": ("train_throughput.json", "train_throughput.log"),
     "attention_jvp": ("attention_jvp.json", "attention_jvp.log"),
 }
-# the self-attention shapes of the attention goal (kernels/bench.py's ATTN_FULL), as "N:D"
+# the self-attention shapes of the attention goal (flowpre/kernels/bench.py's ATTN_FULL), as "N:D"
 ATTENTION_GOAL_SHAPES = [f"{n}:{d}" for n in (256, 1024, 4096) for d in (64, 72, 128)]
 
 

@@ -48,9 +48,8 @@ fi
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-# flowpre.kernels is kernels/ (setup.py maps it); without an install, a link does the same
+# without an install, flowpre comes from this checkout
 if ! python3 -c "import flowpre.kernels" 2>/dev/null; then
-    ln -sfn ../kernels flowpre/kernels
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 fi
 if [ "$REHEARSE" = 1 ]; then

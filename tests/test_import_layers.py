@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"flowpre": ROOT / "flowpre", "flowpre.kernels": ROOT / "kernels"}  # setup.py maps kernels/ in
+PACKAGES = {"flowpre": ROOT / "flowpre"}
 
 
 def modules():
@@ -33,7 +33,6 @@ def imports_of(name, path, known):
         else:
             continue
         for t in targets:
-            t = "flowpre." + t if t.startswith("kernels") else t
             if t in known and t != name:
                 out.add(t)
     return out

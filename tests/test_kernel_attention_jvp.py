@@ -1,4 +1,4 @@
-"""Forward-mode flash attention (kernels/attention_jvp.py) against torch.func.jvp.
+"""Forward-mode flash attention (flowpre/kernels/attention_jvp.py) against torch.func.jvp.
 
 On a machine without CUDA the kernel runs through the Triton interpreter (conftest.py
 switches it on), so sizes stay small. The reference is torch.func.jvp of

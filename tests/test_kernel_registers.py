@@ -2,7 +2,7 @@
 
 No GPU is needed: triton's wheel carries ptxas. The compile runs in a subprocess
 because this process has the interpreter on, and interpreted kernels cannot be compiled.
-These are the properties the tiling in kernels/adaln.py is chosen for, so a Triton
+These are the properties the tiling in flowpre/kernels/adaln.py is chosen for, so a Triton
 upgrade or a kernel edit that breaks them fails here rather than only on a GPU.
 """
 import json

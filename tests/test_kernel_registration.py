@@ -1,8 +1,8 @@
 """The kernels' torch custom ops are registered once, by one module copy.
 
-A second copy of kernels/ (a bare `import kernels` with the repo on sys.path, as the
-benchmarks once did) re-registers every torch.ops.flowpre op; torch frees the first
-registration, and flowpre's model, which holds the first copy, calls freed memory from
+A second copy of the kernels (a bare `import kernels` of the old top-level kernels/
+folder, as the benchmarks and transformers' package probe once did) re-registers every
+torch.ops.flowpre op; torch frees the first registration, and flowpre's model, which holds the first copy, calls freed memory from
 then on: random std::bad_alloc and segfaults many tests later. conftest.py checks the
 registrations after every test; these tests check that the check and the import guard work.
 """
@@ -28,13 +28,32 @@ def test_this_process_calls_live_registrations():
     assert not any(m == "kernels" or m.startswith("kernels.") for m in sys.modules)
 
 
-def test_a_bare_kernels_import_is_refused_with_the_right_name():
-    r = _python(f"import sys; sys.path.insert(0, {ROOT!r}); import flowpre.kernels; from kernels import adaln")
+def test_a_second_name_for_the_kernels_is_refused():
+    flowpre_dir = os.path.join(ROOT, "flowpre")
+    r = _python(f"import sys; sys.path.insert(0, {flowpre_dir!r}); import flowpre.kernels; from kernels import adaln")
     assert r.returncode != 0
-    assert "ImportError: kernels/ is the package flowpre.kernels" in r.stderr and "'kernels'" in r.stderr, r.stderr
-    r = subprocess.run([sys.executable, "-m", "kernels.bench", "--help"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode != 0 and "flowpre.kernels" in r.stderr, r.stderr
+    assert "ImportError: flowpre/kernels/ is the package flowpre.kernels" in r.stderr and "'kernels'" in r.stderr, r.stderr
+
+
+def test_transformers_from_the_repo_root_leaves_the_kernels_alone():
+    """transformers probes for Hugging Face's `kernels` package by importing the name `kernels`.
+    When the kernels lived in a top-level kernels/ folder, that probe, run from the repo root
+    (`python -m ...` puts it on sys.path), imported them a second time: the re-registration."""
+    r = _python(f"""
+import sys
+sys.path[:0] = [{ROOT!r}, {TESTS!r}]
+import flowpre.kernels
+from conftest import stale_kernel_ops
+import transformers.modeling_utils
+import importlib.util
+spec = importlib.util.find_spec("kernels")
+print("kernels", None if spec is None else spec.origin)
+print("stale", stale_kernel_ops())
+""")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines() if line.startswith(("kernels", "stale")))
+    assert not lines["kernels"].startswith(ROOT), lines  # no folder of this repo answers to `kernels`
+    assert lines["stale"] == "[]", lines
 
 
 def test_a_second_registration_is_caught_and_named():

@@ -101,7 +101,7 @@ def launch_config(C, N, backward=False):
     limit, so it is left as measured.
 
     Backward: the same sweep settled on 2K-element tiles with one tile prefetched, which
-    ran at ~60% of copy bandwidth; ptxas (kernels/registers.py) puts that tiling at 217
+    ran at ~60% of copy bandwidth; ptxas (flowpre/kernels/registers.py) puts that tiling at 217
     registers for the gated kernel at C = 1152, two programs per SM, one tile of loads in
     flight each. Split columns and ~1K-element tiles free enough registers to keep two
     tiles in flight at three or four programs per SM, 3-4x the loads in flight, with no

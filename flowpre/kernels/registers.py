@@ -10,7 +10,7 @@ thread, so this is the first thing to check before a kernel change reaches a GPU
       -> {"registers", "stack_bytes", "shared_bytes", "blocks_per_sm", "warps_per_sm",
           "global_loads_by_bytes"}
     resident_programs(compiled, num_warps): the same occupancy for a kernel compiled on
-      the GPU (kernels/adaln.py sizes its backward grid with it)
+      the GPU (flowpre/kernels/adaln.py sizes its backward grid with it)
 
 args gives each runtime argument as a launch would: a pointer as its type ("*bf16"),
 taken to be 16-byte aligned like every torch allocation, an integer or float as its
