@@ -150,7 +150,7 @@ def test_round2_stages_are_one_command_each():
     assert all(v.endswith("train.max_steps=3000") or "train.max_steps=3000," in v for v in variants)
     assert tune[tune.index("--split") + 1] == "train" and tune[tune.index("--seeds") + 1] == "0"
     test = round2.main(["test", "--pick", "pick=meanflow_fd:objective.guidance_scale=2", "--dry-run"])
-    assert test[test.index("--seeds") + 1] == "0,1,2" and test[test.index("--fm-cfg") + 1] == "1,1.5,2,3"
+    assert test[test.index("--seeds") + 1] == "0,1,2" and test[test.index("--fm-cfg") + 1] == "1,1.5,2,3,4,5"
     assert "pick_3k=meanflow_fd:objective.guidance_scale=2,train.max_steps=3000" in test
     trend = round2.main(["trend", "--pick", "pick=meanflow_fd:objective.guidance_scale=2", "--dry-run"])
     assert "pick_12k=meanflow_fd:objective.guidance_scale=2,train.max_steps=12000" in trend
