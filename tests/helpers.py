@@ -1,12 +1,15 @@
 """Running `flowpre` in subprocesses, as users and launchers do."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+# tests launch ranks on free ports: fixed ones collide when two suites (or a suite and an
+# experiment's launch) share a machine, EADDRINUSE in a random test
+from flowpre.train.distributed import free_port  # noqa: F401 - re-exported for the tests
 
 TINY = ["model.name=DiT-2x32x2/4", "train.batch_size=8", "train.lr=0.001", "train.log_every=1",
         "data.num_workers=0", "data.shuffle_buffer=64", "sample.num_images=4", "sample.steps=[1,2]",
@@ -25,14 +28,6 @@ def env(**extra):
         e.pop(k, None)
     e.update(extra)
     return e
-
-
-def free_port():
-    """A port nothing listens on now. Fixed ports collide when two suites (or a suite and an
-    experiment's launch) run on one machine: EADDRINUSE, a random red run."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flowpre(*args, timeout=600, extra_env=None, check=True):

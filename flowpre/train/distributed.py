@@ -27,7 +27,7 @@ class Dist:
         return self.rank == 0
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +71,7 @@ def prepare_environment():
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     os.environ.setdefault("LOCAL_RANK", "0")
 
 
