@@ -145,8 +145,10 @@ def test_round2_stages_are_one_command_each():
     tune = round2.main(["tune", "--dry-run"])
     variants = [tune[i + 1] for i, a in enumerate(tune) if a == "--variant"]
     names = [v.split("=")[0] for v in variants]
-    assert {"fm_3k", "meanflow_fd_j1_sig1_3k", "mf_w1.5_3k", "mf_w2_3k", "mf_w3_3k", "mf_curriculum_3k",
-            "mf_p0.5_3k", "mf_p0.75_3k", "mf_predicted_3k", "mf_rnear0_3k"} <= set(names)
+    assert {"fm_3k", "meanflow_fd_j1_sig1_3k", "mf_w1.5_3k", "mf_w2_3k", "mf_w3_3k", "mf_w2_curriculum_3k",
+            "mf_w2_kappa0.5_3k", "mf_w2_p0.5_3k", "mf_w2_p0.75_3k", "mf_w2_predicted_3k", "mf_w2_rnear0_3k"} <= set(names)
+    on_w2 = [v for v in variants if v.startswith("mf_w2_") and not v.startswith("mf_w2_3k")]
+    assert len(on_w2) == 6 and all("objective.guidance_scale=2," in v for v in on_w2)
     assert all(v.endswith("train.max_steps=3000") or "train.max_steps=3000," in v for v in variants)
     assert tune[tune.index("--split") + 1] == "train" and tune[tune.index("--seeds") + 1] == "0"
     test = round2.main(["test", "--pick", "pick=meanflow_fd:objective.guidance_scale=2", "--dry-run"])
