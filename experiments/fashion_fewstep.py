@@ -99,7 +99,8 @@ def train_flops(run_dir, cfg_overrides, config):
 
     cfg = load_config(config, cfg_overrides)
     dataset = fill_model_shape(cfg)
-    model = build_model(cfg, dataset, build_objective(cfg.objective, cfg.model.time_inputs).step_levels)
+    model = build_model(cfg, dataset, build_objective(cfg.objective, cfg.model.time_inputs,
+                                                           max_steps=cfg.train.max_steps).step_levels)
     m = cfg.model
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     overheads = [r["objective_overhead"] for r in records if r.get("objective_overhead") is not None]

@@ -201,3 +201,23 @@ def test_dudt_parts_sum_to_the_objectives_derivative():
     assert row["dudt_rms"] == pytest.approx(meanflow_dudt.rms(dudt), rel=1e-4)
     assert row["jump_rms"] > 0 and row["sigma_rms"] > 0 and row["space_rms"] > 0
     assert row["fd_0.0002_error_rms"] < 0.05 * row["dudt_rms"]
+
+
+def test_train_flops_of_a_curriculum_run(tmp_path):
+    """The FLOPs record builds the run's objective with train.max_steps (a curriculum needs it) and
+    counts the objective's no-grad forwards as logged, so the warm-up's plain steps cost less."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fashion_fewstep as experiment
+
+    write_shards("digits", tmp_path / "d", shard_size=50, split="train", limit=50)
+    overheads = [0.0, 0.0, 0.25, 0.75]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"step": s + 1, "objective_overhead": o, "samples_per_s": 90.0 + s}) for s, o in enumerate(overheads)))
+    config = ROOT / "configs" / "experiments" / "fashion_meanflow_fd.yaml"
+    overrides = [f"data.shards={tmp_path / 'd' / 'train-*.tar'}", "train.max_steps=4", "objective.curriculum=true",
+                 "objective.guidance_scale=2"]
+    flops = experiment.train_flops(tmp_path, overrides, config)
+    assert flops["objective_overhead"] == pytest.approx(0.25) and flops["train_img_per_s"] == pytest.approx(92.0)
+    images = flops["trained_images"]
+    assert images == 4 * 64  # train.max_steps x the config's batch
+    assert flops["train_pflops"] == pytest.approx(3 * flops["forward_gflops_per_image"] * 1e9 * images * 1.25 / 1e15)
