@@ -12,9 +12,9 @@ import torch
 
 from flowpre.config import ConfigError, load_config
 from flowpre.data.shards import write_shards
-from flowpre.train.engine import deepspeed_config
 from flowpre.export import pick_checkpoint
 from flowpre.train.checkpoint import EMA_CHOICES, checkpoint_weights
+from flowpre.train.engine import deepspeed_config
 from flowpre.train.reshard import _convert
 
 from helpers import TINY, env, free_port, metrics, train, write_empty_config
