@@ -69,6 +69,16 @@ def weights(path):
     return load_file(str(path))
 
 
+def exported(run_dir, out, ema="slow"):
+    """The weights `flowpre export --run RUN_DIR --out OUT --ema EMA` writes, exported in this
+    process by the function the command calls (checkpoint pick and verification included): a
+    test comparing runs' weights needs no process per export (the command has its own tests)."""
+    from flowpre.export import export
+
+    path, _ = export(run_dir=run_dir, out=out, ema=ema)
+    return weights(path)
+
+
 def random_dit(seed=0, **kw):
     """A small DiT whose zero-initialised layers (adaLN-Zero, output) are drawn at random, so
     that its output depends on every input (a fresh DiT outputs v = 0)."""

@@ -9,7 +9,7 @@ import torch
 from flowpre.train import ema as ema_module
 from flowpre.train.ema import DualEma
 
-from helpers import flowpre, free_port, launch, metrics, weights
+from helpers import exported, free_port, launch, metrics
 
 
 def tiny():
@@ -128,7 +128,6 @@ def test_sharded_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
     """Under ZeRO-3 each rank holds half of each EMA, SCFM's EMA forwards gather it block by
     block, and the exported EMAs (and student) equal ZeRO-0's with its replicated EMAs."""
     out, ema_bytes = {}, {}
-    from pathlib import Path
     digits = tmp_path / "digits"
     from flowpre.data.shards import write_shards
     write_shards("digits", digits, shard_size=100, limit=400)
@@ -141,9 +140,7 @@ def test_sharded_ema_under_zero3_matches_zero0_on_two_ranks(tmp_path):
         ema_bytes[stage] = metrics(run)[-1]["ema_bytes_per_rank"]
         assert (run / "samples" / "step0000002_1steps.png").is_file()
         for which in ("fast", "slow", "none"):
-            path = Path(tmp_path / f"z{stage}_{which}.safetensors")
-            flowpre("export", "--run", str(run), "--out", str(path), "--ema", which)
-            out[stage, which] = weights(path)
+            out[stage, which] = exported(run, tmp_path / f"z{stage}_{which}.safetensors", which)
     full = 2 * 4 * sum(v.numel() for v in out[0, "slow"].values())
     assert ema_bytes[0] == full
     assert 0.5 * full <= ema_bytes[3] < 0.5 * full + 2 * 4 * 2 * len(out[0, "slow"])  # half, plus padding

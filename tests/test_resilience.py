@@ -16,7 +16,7 @@ from flowpre.data.shards import write_shards
 from flowpre.train.nonfinite import parse_faults
 from flowpre.train.preemption import Preemption
 
-from helpers import TINY, env, flowpre, free_port, metrics, train, weights, write_empty_config
+from helpers import TINY, env, exported, flowpre, free_port, metrics, train, write_empty_config
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +112,8 @@ def test_sigterm_on_one_rank_checkpoints_and_resumes_bitwise(tmp_path, digits):
     r = two_ranks(split, digits, *common, "train.resume=auto", extra_env=fault)
     assert f"at step {stop}" in r.stdout
     for ema in ("slow", "none"):
-        a, b = tmp_path / f"a_{ema}.safetensors", tmp_path / f"b_{ema}.safetensors"
-        flowpre("export", "--run", str(straight), "--out", str(a), "--ema", ema)
-        flowpre("export", "--run", str(split), "--out", str(b), "--ema", ema)
-        wa, wb = weights(a), weights(b)
+        wa = exported(straight, tmp_path / f"a_{ema}.safetensors", ema)
+        wb = exported(split, tmp_path / f"b_{ema}.safetensors", ema)
         assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), ema
     ma, mb = metrics(straight), metrics(split)
     assert [x["skipped_steps"] for x in ma] == [0] + [1] * 19 == [x["skipped_steps"] for x in mb]

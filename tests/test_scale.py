@@ -8,7 +8,7 @@ from flowpre.config import load_config
 from flowpre.data.shards import write_shards
 from flowpre.train.plan import make_plan
 
-from helpers import flowpre, free_port, launch, metrics, weights
+from helpers import exported, flowpre, free_port, launch, metrics
 
 GIB = 2 ** 30
 
@@ -59,9 +59,7 @@ def test_zero3_ema_activation_checkpointing_grad_accum(tmp_path):
                "train.max_steps=4", "train.checkpoint_every=4")
         out[name] = [m["loss"] for m in metrics(run)]
         for which in ("slow", "none"):
-            path = tmp_path / f"{name}_{which}.safetensors"
-            flowpre("export", "--run", str(run), "--out", str(path), "--ema", which)
-            out[name, which] = weights(path)
+            out[name, which] = exported(run, tmp_path / f"{name}_{which}.safetensors", which)
     a, b = torch.tensor(out["plain"]), torch.tensor(out["z3"])
     assert len(a) == 4 and ((a - b).abs() / a.abs()).max() < 1e-5
     for which in ("slow", "none"):
