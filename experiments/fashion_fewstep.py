@@ -48,6 +48,9 @@ from fewstep_report import GOAL_SETS, aggregate, check_goals, plot, plot_trend, 
 
 ROOT = Path(__file__).resolve().parent.parent
 OBJECTIVES = ("fm", "scfm", "shortcut", "meanflow", "meanflow_fd")
+# marks a record copied from another experiment (trained by older code): used for the cells it holds,
+# never trained again here, since the code that trained it is gone
+REUSED = "reused.json"
 STEPS = [1, 2, 4, 8, 16, 32, 128]
 # Scales change every run identically; the configs hold the CPU scale.
 SCALES = {
@@ -125,6 +128,33 @@ def cells(run_dir, split):
     return out
 
 
+def losses(metrics):
+    """{step: loss} of a metrics.jsonl (a resumed run logs a step again: the last line counts)."""
+    rows = [json.loads(line) for line in Path(metrics).read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
+
+
+def reproduce(run_dir, config, overrides, log):
+    """Give a committed record its weights back (records keep their cells, not their weights) by
+    training its configuration again in a scratch folder beside it. The weights join the record
+    only if the new run is the recorded one, every logged loss equal to the bit: weights of another
+    run (other code, another machine) beside the record's cells would mix two runs' results."""
+    scratch = run_dir.parent / f"{run_dir.name}.reproduce"
+    log(f"{run_dir.name}: the record has no weights; training its configuration again in {scratch}")
+    flowpre("train", "--config", config, *overrides, f"run.dir={scratch}", log=log)
+    recorded, again = losses(run_dir / "metrics.jsonl"), losses(scratch / "metrics.jsonl")
+    differ = [s for s in sorted(set(recorded) | set(again)) if recorded.get(s) != again.get(s)]
+    if differ or not recorded:
+        s = differ[0] if differ else None
+        raise SystemExit(f"{run_dir.name}: the run trained again in {scratch} is not the recorded run (logged loss "
+                         f"at step {s}: {recorded.get(s)} recorded, {again.get(s)} now), so its weights cannot "
+                         f"score cells beside the record's. They stay in {scratch}: give that run its own name, "
+                         f"or move the record's folder aside to replace it as a whole")
+    os.replace(scratch / "model.safetensors", run_dir / "model.safetensors")
+    shutil.rmtree(scratch)
+    log(f"{run_dir.name}: reproduced ({len(recorded)} logged losses equal); its weights join the record")
+
+
 def run_one(name, objective, overrides, args, scale, log, seed=0):
     """Train (train.seed = seed) and evaluate (noise seed --seed + seed) one run; seed 0 keeps the plain name."""
     run_dir = Path(args.runs) / (name if seed == 0 else f"{name}_s{seed}")
@@ -135,12 +165,15 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
     overrides += [f"train.seed={seed}"] if seed else []
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
-    record = run_dir / "experiment_train.json"
+    record, weights = run_dir / "experiment_train.json", run_dir / "model.safetensors"
     if not record.exists():
         wall = flowpre("train", "--config", config, *overrides, log=log)
         record.write_text(json.dumps({"wall_s": wall, "overrides": overrides}, indent=2))
+    elif args.train_only and not weights.exists() and not (run_dir / REUSED).exists():
+        reproduce(run_dir, config, overrides, log)
+    if args.train_only:
+        return None
     train = {**json.loads(record.read_text()), **train_flops(run_dir, overrides, config)}
-    weights = run_dir / "model.safetensors"
     common = ["--weights", weights, "--num-samples", scale["num_samples"], "--batch-size", scale["batch_size"],
               "--seed", args.seed + seed, "--shift", 1.0]
 
@@ -156,9 +189,11 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
                                       + (["--ref-count", scale["ref_count"]] if scale["ref_count"] else []))):
                 if not todo:
                     continue
-                if not weights.exists():  # a committed record without its weights: keep the cells it has
+                if not weights.exists() and (run_dir / REUSED).exists():  # another experiment's record, as is
                     log(f"{run_dir.name}: no weights, cannot score cfg {c:g} at steps {todo} on {split}; skipped")
                     continue
+                if not weights.exists():  # a committed record without its weights
+                    reproduce(run_dir, config, overrides, log)
                 out = run_dir / f"eval_{split}{'' if c == 1 else f'_cfg{c:g}'}_{tag}_{'-'.join(map(str, todo))}.json"
                 wall = flowpre("eval", *common, "--reference", f"fashion-mnist:{split}", "--cfg", c,
                                "--steps", ",".join(map(str, todo)), *extra, "--out", out, log=log)
@@ -227,6 +262,8 @@ def main(argv=None):
     p.add_argument("--out", default="docs/results")
     p.add_argument("--name", default="fashion_fewstep", help="file name of the results (an ablation page: another name)")
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
+    p.add_argument("--train-only", action="store_true", help="train every run (a record without its weights: "
+                   "trained again and checked to be that run) and stop; score and write the page in a later call")
     p.add_argument("--notes", default=None, help="a markdown file appended to the page (the reading of the numbers)")
     args = p.parse_args(argv)
     from flowpre.arguments import parse_steps
@@ -245,7 +282,11 @@ def main(argv=None):
     began, runs = time.time(), []
     for seed, name, objective, overrides in schedule(jobs, seeds):
         runs.append(run_one(name, objective, overrides, args, scale, log, seed))
+        if args.train_only:
+            continue
         log(f"{runs[-1]['name']}: FD " + ", ".join(f"{s}:{v['fd']:.1f}" for s, v in runs[-1]["results"].items()))
+    if args.train_only:
+        return log(f"trained {len(runs)} runs; scoring and the page are for a call without --train-only")
     groups = aggregate(runs)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     summary = {"command": "python experiments/fashion_fewstep.py " + shlex.join(argv if argv is not None else sys.argv[1:]),

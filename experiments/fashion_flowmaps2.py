@@ -16,9 +16,12 @@ every flow map samples at cfg 1 with one forward per step (a guidance-trained on
 guidance in the weights).
 
 Reuse: `test` copies the committed round-1 records of today's best (meanflow_fd_j1_sig1_3k,
-seeds 0 and 1; identical configuration) into the records folder once. Their weights were not
-committed, so cells they lack (FID) stay empty for them; flow matching must be retrained,
-since its CFG sweep needs its weights.
+seeds 0 and 1; identical configuration) into the runs folder once, marked reused.json. Older
+code trained them and their weights were not committed, so cells they lack (FID) stay empty.
+The tuning's seed-0 records (fm_3k, the pick) lack weights too, and the test split needs them:
+each is trained again, and its weights join the record only if every logged loss equals the
+record's (fashion_fewstep.reproduce). `--train-only` runs every training first (the part a
+lost session cannot carry over), scoring comes in the next call.
 
 Choices (the issue is silent):
 - MeanFlow's CFG target with kappa = 0 (omega = w), as in MeanFlow's own guidance-scale
@@ -31,6 +34,7 @@ Choices (the issue is silent):
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import sys
@@ -109,12 +113,14 @@ def stage_arguments(stage, pick, scale):
             + [a for j in jobs for a in ("--variant", j)])
 
 
-def reuse_round1(log=print):
-    """Copy the round-1 records of today's best (same overrides) into the round-2 folder, once."""
+def reuse_round1(runs=ROOT / RECORDS, log=print):
+    """Copy the round-1 records of today's best (same overrides) into the runs folder, once, marked
+    as reused: older code trained them, so cells they lack stay empty rather than trained again."""
     for run in ("meanflow_fd_j1_sig1_3k", "meanflow_fd_j1_sig1_3k_s1"):
-        src, dst = ROUND1 / run, ROOT / RECORDS / run
+        src, dst = ROUND1 / run, Path(runs) / run
         if src.is_dir() and not dst.exists():
             shutil.copytree(src, dst)
+            (dst / "reused.json").write_text(json.dumps({"from": str(src.relative_to(ROOT))}, indent=2) + "\n")
             log(f"reused the round-1 records of {run} ({src.relative_to(ROOT)})")
 
 
@@ -130,8 +136,8 @@ def main(argv=None):
     print("python experiments/fashion_fewstep.py " + shlex.join(arguments), flush=True)
     if args.dry_run:
         return arguments
-    if args.stage in ("tune", "test") and args.scale == "cpu" and "--runs" not in rest:
-        reuse_round1()
+    if args.stage in ("tune", "test") and args.scale == "cpu":
+        reuse_round1(ROOT / arguments[max(i for i, a in enumerate(arguments) if a == "--runs") + 1])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import fashion_fewstep
 
