@@ -134,25 +134,52 @@ def losses(metrics):
     return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
 
 
-def reproduce(run_dir, config, overrides, log):
+# Training the same configuration twice with the same code is equal only up to float
+# reassociation on CPU (thread scheduling, allocation alignment): measured here, the first
+# logged window's loss agrees to 1e-7 and later ones drift apart chaotically. Other code, data
+# or settings shift the first window by 1e-3 or more (round 1's fm_3k against round 2's: 3.5e-3).
+SAME_START, SAME_CURVE = 1e-5, 1e-2
+
+
+def same_run(recorded, again):
+    """None when two {step: loss} curves are one run trained twice, else why not."""
+    if not recorded or sorted(recorded) != sorted(again):
+        return f"logged steps differ ({len(recorded)} recorded, {len(again)} now)"
+    rel = {s: abs(again[s] - recorded[s]) / max(abs(recorded[s]), 1e-12) for s in recorded}
+    first, worst = min(rel), max(rel, key=rel.get)
+    if rel[first] > SAME_START:
+        return f"first logged loss (step {first}) {recorded[first]} recorded, {again[first]} now"
+    if rel[worst] > SAME_CURVE:
+        return f"logged loss at step {worst} {recorded[worst]} recorded, {again[worst]} now"
+    return None
+
+
+def reproduce(run_dir, config, overrides, log, check=True):
     """Give a committed record its weights back (records keep their cells, not their weights) by
     training its configuration again in a scratch folder beside it. The weights join the record
-    only if the new run is the recorded one, every logged loss equal to the bit: weights of another
-    run (other code, another machine) beside the record's cells would mix two runs' results."""
+    only if the new run is the recorded one (same_run): weights of another run (other code,
+    another machine) beside the record's cells would mix two runs' results. The largest loss
+    difference is kept in the record (reproduced.json)."""
     scratch = run_dir.parent / f"{run_dir.name}.reproduce"
     log(f"{run_dir.name}: the record has no weights; training its configuration again in {scratch}")
     flowpre("train", "--config", config, *overrides, f"run.dir={scratch}", log=log)
     recorded, again = losses(run_dir / "metrics.jsonl"), losses(scratch / "metrics.jsonl")
-    differ = [s for s in sorted(set(recorded) | set(again)) if recorded.get(s) != again.get(s)]
-    if differ or not recorded:
-        s = differ[0] if differ else None
-        raise SystemExit(f"{run_dir.name}: the run trained again in {scratch} is not the recorded run (logged loss "
-                         f"at step {s}: {recorded.get(s)} recorded, {again.get(s)} now), so its weights cannot "
-                         f"score cells beside the record's. They stay in {scratch}: give that run its own name, "
-                         f"or move the record's folder aside to replace it as a whole")
+    why = same_run(recorded, again)
+    if why:
+        message = (f"{run_dir.name}: the run trained again in {scratch} is not the recorded run ({why}), so its "
+                   f"weights cannot score cells beside the record's. They stay in {scratch}: give that run its "
+                   f"own name, or move the record's folder aside to replace it as a whole")
+        if not check:
+            return log(message)
+        raise SystemExit(message)
+    rel = max(abs(again[s] - recorded[s]) / abs(recorded[s]) for s in recorded)
+    (run_dir / "reproduced.json").write_text(json.dumps(
+        {"losses_compared": len(recorded), "max_relative_loss_difference": rel, "first_window_difference":
+         abs(again[min(recorded)] - recorded[min(recorded)]) / abs(recorded[min(recorded)])}, indent=2) + "\n")
     os.replace(scratch / "model.safetensors", run_dir / "model.safetensors")
     shutil.rmtree(scratch)
-    log(f"{run_dir.name}: reproduced ({len(recorded)} logged losses equal); its weights join the record")
+    log(f"{run_dir.name}: reproduced ({len(recorded)} logged losses, at most {rel:.1e} apart); its weights "
+        f"join the record")
 
 
 def run_one(name, objective, overrides, args, scale, log, seed=0):
@@ -170,7 +197,7 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
         wall = flowpre("train", "--config", config, *overrides, log=log)
         record.write_text(json.dumps({"wall_s": wall, "overrides": overrides}, indent=2))
     elif args.train_only and not weights.exists() and not (run_dir / REUSED).exists():
-        reproduce(run_dir, config, overrides, log)
+        reproduce(run_dir, config, overrides, log, check=False)  # the queue goes on; scoring will stop
     if args.train_only:
         return None
     train = {**json.loads(record.read_text()), **train_flops(run_dir, overrides, config)}
