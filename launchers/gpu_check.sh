@@ -154,7 +154,7 @@ if [ "$REHEARSE" = 1 ]; then
                tests/test_dit_kernels.py tests/test_forward_mode.py tests/test_kernel_attention_jvp.py
                -k "bad_inputs or (gradcheck and not adaln) or opcheck")
     LOOP_DEFAULT="--models DiT-2x64x2/2 --size 8 --count 64 --batch 8 --workers 1 --steps 2 --log-every 1
-                  --zero 2 --objectives fm --min-run-s 5"
+                  --zero 2,3 --objectives scfm --min-run-s 5"
     THROUGHPUT_ARGS="--models ${THROUGHPUT_MODELS:-DiT-2x64x2/2} --batch 2 --size 8"
 else
     TEST_ARGS=(tests/test_kernel_attention.py tests/test_kernel_adaln.py tests/test_kernel_loss.py

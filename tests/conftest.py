@@ -6,6 +6,7 @@ top of the first file pytest imports. On a CUDA machine the real kernels run.
 """
 import hashlib
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,6 +42,24 @@ def pytest_configure(config):
         config.pluginmanager.register(Probe(os.environ["FLOWPRE_TEST_PROBE"]), "flowpre-process-probe")
     config.addinivalue_line("markers", "slow: takes more than ~30 s on the 2-core CPU machine")
     config.addinivalue_line("markers", "cuda: needs a CUDA device")
+
+
+# DeepSpeed JIT-builds its CPU Adam (C++ at -O3: 1.5-2.5 min on these 2 cores) the first time
+# a test offloads the optimizer, and that test waits for it. Started when the session is
+# collected, the build runs beside the tests before it; the test's own load then waits on the
+# build's lock, at worst as long as it would have built, and loads the finished library. It
+# runs detached, so a session that ends first leaves a finished build, not a stale lock.
+PREBUILT_OPS = {"test_optimizer_offload_trains": "CPUAdamBuilder"}
+
+
+def pytest_collection_finish(session):
+    ops = sorted({PREBUILT_OPS[item.originalname] for item in session.items if item.originalname in PREBUILT_OPS})
+    if ops and not session.config.option.collectonly:
+        from helpers import env
+
+        code = "; ".join(f"from deepspeed.ops.op_builder import {op}; {op}().load()" for op in ops)
+        subprocess.Popen([sys.executable, "-c", code], env=env(), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def stale_kernel_ops():

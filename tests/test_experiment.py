@@ -38,24 +38,24 @@ def test_experiment_script_smoke(tmp_path):
     md = (tmp_path / "out" / "fashion_fewstep.md").read_text()
     assert f"| fm | 1 | 1 | {run['results']['1']['fd']:.1f} | {run['results']['2']['fd']:.1f} |" in md
     assert (tmp_path / "out" / "fashion_fewstep.png").stat().st_size > 10_000
-    # a second call with one more step count trains nothing and evaluates only that step count
+    # a second call, with one more step count and flow matching over sampler CFG, trains nothing:
+    # the sweep on the train split picks the scale per step count, --split (test) is scored at the
+    # picks only and only where no cell exists (one call, not two: each costs a process and a load)
     stamp = (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime
-    r = experiment("1,2,4")
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "flowpre train" not in r.stdout and "--steps 4 " in r.stdout
-    assert (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime == stamp
-    again = json.loads((tmp_path / "out" / "fashion_fewstep.json").read_text())["runs"][0]["results"]
-    assert set(again) == {"1", "2", "4"} and again["1"] == run["results"]["1"]
-    # flow matching over sampler CFG: the sweep on the train split picks the scale per step count,
-    # --split (test) is scored at the pick only, and the page shows the picks
-    r = experiment("1,2", "--fm-cfg", "1,2")
+    r = experiment("1,2,4", "--fm-cfg", "1,2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "flowpre train" not in r.stdout and "fashion-mnist:train --cfg 2.0" in r.stdout
+    assert (tmp_path / "runs" / "fm" / "experiment_train.json").stat().st_mtime == stamp
     swept = json.loads((tmp_path / "out" / "fashion_fewstep.json").read_text())["runs"][0]
     grid, picks = swept["eval"]["cfg_train_fd"], swept["eval"]["cfg"]
-    for s in ("1", "2"):
+    assert set(swept["results"]) == {"1", "2", "4"}
+    for s in ("1", "2", "4"):
         assert picks[s] == min((grid[c][s], float(c)) for c in ("1", "2"))[1]
         assert swept["results"][s]["cfg"] == picks[s]
+        if picks[s] == 1 and s != "4":  # the first call's cell, not scored again
+            assert swept["results"][s] == run["results"][s]
+    test_evals = [line for line in r.stdout.splitlines() if "fashion-mnist:test --cfg 1.0 " in line]
+    assert all("--steps 4 " in line for line in test_evals)
     assert sorted(p.name for p in (tmp_path / "runs" / "fm").glob("eval_train_*cfg2*"))
 
 
@@ -221,3 +221,77 @@ def test_train_flops_of_a_curriculum_run(tmp_path):
     images = flops["trained_images"]
     assert images == 4 * 64  # train.max_steps x the config's batch
     assert flops["train_pflops"] == pytest.approx(3 * flops["forward_gflops_per_image"] * 1e9 * images * 1.25 / 1e15)
+
+
+def test_a_weightless_record_is_trained_again_and_kept_only_if_it_is_the_same_run(tmp_path, monkeypatch):
+    """Records keep cells, not weights. A cell the record lacks needs its weights: run_one trains the
+    configuration again in a scratch folder and adopts the weights only when the loss curve is the
+    recorded one up to float reassociation; another run stops with the step, the record untouched."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fashion_fewstep as experiment
+
+    recorded = {50: 1.5, 100: 1.2, 150: 0.9}
+    calls, drift = [], {}
+
+    def fake_flowpre(*args, log):
+        args = list(map(str, args))
+        calls.append(args)
+        if args[0] == "train":
+            run = Path([a for a in args if a.startswith("run.dir=")][-1].partition("=")[2])
+            run.mkdir(parents=True, exist_ok=True)
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": v * (1 + drift.get(s, 0))})
+                                                         for s, v in recorded.items()))
+            (run / "model.safetensors").write_bytes(b"weights of " + run.name.encode())
+        else:
+            out, steps = Path(args[args.index("--out") + 1]), args[args.index("--steps") + 1].split(",")
+            out.write_text(json.dumps({"metrics": ["fd"], "cfg": 1.0, "results": {s: {"fd": 10.0 + int(s)} for s in steps}}))
+        return 1.0
+
+    monkeypatch.setattr(experiment, "flowpre", fake_flowpre)
+    monkeypatch.setattr(experiment, "train_flops", lambda *a: {})
+
+    def record(name, reused=False):
+        run = tmp_path / "runs" / name
+        run.mkdir(parents=True)
+        (run / "experiment_train.json").write_text(json.dumps({"wall_s": 60.0}))
+        (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": v}) for s, v in recorded.items()))
+        (run / "eval_test_fd_1.json").write_text(json.dumps({"metrics": ["fd"], "results": {"1": {"fd": 7.0}}}))
+        if reused:
+            (run / experiment.REUSED).write_text("{}")
+        return run
+
+    def run_one(name, train_only=False):
+        args = argparse.Namespace(runs=str(tmp_path / "runs"), data="d", fresh=False, train_only=train_only, seed=0,
+                                  fid_steps=[], steps=[1, 2], fm_cfg=[1.0], seeds=[0], split="test")
+        return experiment.run_one(name, "fm", [], args, experiment.SCALES["smoke"], lambda m: logs.append(m))
+
+    logs = []
+    # the same run: the first window equal to 1e-7, later ones drifted by 1e-3
+    drift.update({50: 1e-7, 100: 1e-3, 150: -2e-3})
+    run = record("same")
+    out = run_one("same")
+    assert [c[0] for c in calls] == ["train", "eval"] and calls[1][calls[1].index("--steps") + 1] == "2"
+    assert (run / "model.safetensors").read_bytes() == b"weights of same.reproduce"
+    assert not (tmp_path / "runs" / "same.reproduce").exists()
+    assert json.loads((run / "reproduced.json").read_text())["max_relative_loss_difference"] == pytest.approx(2e-3)
+    assert out["results"][1]["fd"] == 7.0 and out["results"][2]["fd"] == 12.0  # the record's cell kept
+    # another run (other code: the first window 3.5e-3 off) stops before any cell is scored
+    calls.clear()
+    drift.update({50: 3.5e-3})
+    run = record("other")
+    with pytest.raises(SystemExit, match=r"other: .*not the recorded run \(first logged loss \(step 50\)"):
+        run_one("other")
+    assert [c[0] for c in calls] == ["train"] and not (run / "model.safetensors").exists()
+    assert (tmp_path / "runs" / "other.reproduce" / "model.safetensors").exists()  # nothing thrown away
+    # a late drift past 1e-2 is another run too; with --train-only the queue logs it and goes on
+    drift.update({50: 0.0, 150: 0.05})
+    run = record("late")
+    assert run_one("late", train_only=True) is None
+    assert "step 150" in logs[-1] and not (run / "model.safetensors").exists()
+    # a reused record (older code trained it) is never trained again: its missing cells stay empty
+    calls.clear()
+    record("reused", reused=True)
+    out = run_one("reused")
+    assert calls == [] and set(out["results"]) == {1} and "no weights" in logs[-1]

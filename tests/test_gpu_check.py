@@ -135,10 +135,15 @@ def test_rehearsal_reaches_each_stage_s_gpu_rows(rehearsal):
     """Each stage's JSON holds the rows its GPU run would, at the rehearsal's shapes, free of errors."""
     _, _, unpacked = rehearsal
     load = lambda name: json.loads((unpacked / name).read_text())  # noqa: E731
+    # the loop stage: `flowpre train` under DeepSpeed at ZeRO-2 and ZeRO-3 (sharded EMAs) with scfm
+    # (its no-grad forwards logged as overhead) on synthetic latents, one row each
     loop = load("train_loop.json")
-    (row,) = loop["rows"]
-    assert (row["model"], row["zero"], row["objective"], row["returncode"]) == ("DiT-2x64x2/2", 2, "fm", 0)
-    assert row["windows"] == 2 and row["loss_finite"] and (unpacked / row["log"]).is_file()
+    assert loop["device"].startswith("cpu") and [(r["zero"], r["objective"]) for r in loop["rows"]] == [(2, "scfm"), (3, "scfm")]
+    for row in loop["rows"]:
+        assert (row["model"], row["returncode"]) == ("DiT-2x64x2/2", 0), row.get("error_tail")
+        assert row["windows"] == 2 and row["windows_timed"] == 1 and row["img_per_s"] > 0 and row["loss_finite"]
+        assert row["mfu"] is None  # no peak FLOP/s on a CPU
+        assert row["objective_overhead"] > 0 and row["ema_bytes_per_rank"] > 0 and (unpacked / row["log"]).is_file()
     kernels = load("kernels.json")
     assert kernels["status"] == "rehearsal" and "not performance figures" in kernels["note"]
     assert [r["kernel"] for r in kernels["rows"]] == ["gated_residual_adaln", "adaln_modulate", "attention", "flow_loss"]
@@ -171,21 +176,6 @@ def test_train_loop_stage_skips_what_its_budget_leaves_out(tmp_path):
     assert report["device"].startswith("cpu") and report["data"]["latent"] == [4, 8, 8]
     assert [(r["zero"], r["objective"]) for r in report["rows"]] == [(2, "fm"), (2, "scfm"), (3, "fm"), (3, "scfm")]
     assert all(r["skipped"].startswith("budget") for r in report["rows"]) and report["ratios"] == {}
-
-
-def test_train_loop_stage_runs_flowpre_train_on_cpu(tmp_path):
-    """The loop stage as the GPU check runs it, small: `flowpre train` under DeepSpeed at
-    ZeRO-2 and ZeRO-3 (sharded EMAs) with scfm on synthetic latents; one JSON row each."""
-    report, stdout = _loop(tmp_path, "--objectives", "scfm")
-    rows = {(r["zero"], r["objective"]): r for r in report["rows"]}
-    assert set(rows) == {(2, "scfm"), (3, "scfm")}
-    for r in rows.values():
-        assert r["returncode"] == 0, r.get("error_tail")
-        assert r["windows"] == 2 and r["windows_timed"] == 1 and r["img_per_s"] > 0 and r["loss_finite"]
-        assert r["mfu"] is None  # no peak FLOP/s on a CPU
-        assert r["objective_overhead"] > 0 and r["ema_bytes_per_rank"] > 0
-        assert (tmp_path / "out" / r["log"]).is_file()
-    assert not any((tmp_path / "w").glob("DiT*"))  # run folders removed; shards kept
 
 
 def test_train_loop_summary_and_ratios():
