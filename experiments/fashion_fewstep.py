@@ -134,10 +134,10 @@ def losses(metrics):
     return {r["step"]: r["loss"] for r in rows if r.get("loss") is not None}
 
 
-# Training the same configuration twice with the same code is equal only up to float
-# reassociation on CPU (thread scheduling, allocation alignment): measured here, the first
-# logged window's loss agrees to 1e-7 and later ones drift apart chaotically. Other code, data
-# or settings shift the first window by 1e-3 or more (round 1's fm_3k against round 2's: 3.5e-3).
+# Training one configuration twice with the same code, single-threaded, is not bit-equal on
+# this CPU: measured, the first logged window's loss agrees exactly and later ones differ from
+# the 7th digit on, growing as training amplifies it. Other code, data or settings shift the
+# first window by 1e-3 or more (round 1's fm_3k against round 2's, same config: 3.5e-3).
 SAME_START, SAME_CURVE = 1e-5, 1e-2
 
 

@@ -226,7 +226,7 @@ def test_train_flops_of_a_curriculum_run(tmp_path):
 def test_a_weightless_record_is_trained_again_and_kept_only_if_it_is_the_same_run(tmp_path, monkeypatch):
     """Records keep cells, not weights. A cell the record lacks needs its weights: run_one trains the
     configuration again in a scratch folder and adopts the weights only when the loss curve is the
-    recorded one up to float reassociation; another run stops with the step, the record untouched."""
+    recorded one up to float32 rounding; another run stops with the step, the record untouched."""
     import argparse
 
     sys.path.insert(0, str(ROOT / "experiments"))
