@@ -25,9 +25,9 @@ group and issue 12's flow-map goals for every JVP-free group (scfm, meanflow_fd)
 the FM and Shortcut groups trained on as many images (3000-step runs against 3000-step FM);
 --goals round2 judges issue 23's instead.
 
-Sampler CFG (--fm-cfg 1,1.5,2,3): flow matching is scored at every scale on the train split of
-its first seed's run, the scale is picked per step count by FD there, and --split is scored at
-the picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
+Sampler CFG (--fm-cfg 1,1.5,2,3,...): flow matching is scored on the train split of its first
+seed's run at the first four scales and at each larger one while the largest so far is best
+(cfg_sweep), the scale is picked per step count by FD there, and --split is scored at the picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
 it is reported on. Every other objective samples at cfg 1 (one forward per step; a model
 trained with guidance in its target has it in its weights). Each row on the page shows its CFG.
 """
@@ -182,6 +182,29 @@ def reproduce(run_dir, config, overrides, log, check=True):
         f"join the record")
 
 
+def cfg_sweep(scales, steps, score, scored, first=4):
+    """{steps: the sampler CFG scales to compare}: the `first` smallest of `scales` at every step
+    count (the issue's {1, 1.5, 2, 3}), then the next larger one only where the largest so far
+    has the lowest FD, until one does not or the list ends. A guided sample costs two forwards
+    a step, so scales past the optimum would double the sweep's cost for nothing; stopping where
+    FD turns up keeps the pick the grid's minimum. `score({cfg: [steps]})` scores what is missing
+    (None: only read), `scored()` gives {(cfg, steps): {"fd": ...}}."""
+    scales = sorted(scales)
+    walked = {s: scales[:first] for s in steps}
+    wanted = {c: list(steps) for c in walked[steps[0]]} if steps else {}
+    while wanted:
+        if score:
+            score(wanted)
+        have, wanted = scored(), {}
+        for s in steps:
+            fds = [(have[(c, s)]["fd"], c) for c in walked[s] if "fd" in have.get((c, s), {})]
+            k = len(walked[s])
+            if len(fds) == k and k < len(scales) and min(fds)[1] == scales[k - 1]:
+                walked[s] = scales[:k + 1]
+                wanted.setdefault(scales[k], []).append(s)
+    return walked
+
+
 def run_one(name, objective, overrides, args, scale, log, seed=0):
     """Train (train.seed = seed) and evaluate (noise seed --seed + seed) one run; seed 0 keeps the plain name."""
     run_dir = Path(args.runs) / (name if seed == 0 else f"{name}_s{seed}")
@@ -228,22 +251,23 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
                 saved["wall_s"] = wall
                 out.write_text(json.dumps(saved, indent=2))
 
-    # Sampler CFG: flow matching is scored at every --fm-cfg scale on the train split of its first
-    # seed's run, the scale with the lowest FD is picked per step count, and --split is scored at
-    # the picks only (the yardstick must not be tuned on the split it is reported on). Every other
+    # Sampler CFG: flow matching is scored over --fm-cfg on the train split of its first seed's
+    # run, the scale with the lowest FD is picked per step count, and --split is scored at the
+    # picks only (the yardstick must not be tuned on the split it is reported on). Every other
     # objective samples at cfg 1: one forward per step (guidance, if any, is in its weights).
     picks, grid = {s: 1.0 for s in args.steps}, None
     if objective == "fm" and args.fm_cfg != [1.0]:
         pick_dir = Path(args.runs) / (name if args.seeds[0] == 0 else f"{name}_s{args.seeds[0]}")
-        if pick_dir == run_dir:
-            evaluate("train", {c: list(args.steps) for c in args.fm_cfg}, fid=False)  # the pick is by FD
+        walked = cfg_sweep(args.fm_cfg, args.steps, lambda wanted: evaluate("train", wanted, fid=False)
+                           if pick_dir == run_dir else None, lambda: cells(pick_dir, "train"))
         train_cells = cells(pick_dir, "train")
-        grid = {f"{c:g}": {s: train_cells.get((c, s), {}).get("fd") for s in args.steps} for c in args.fm_cfg}
+        grid = {f"{c:g}": {s: train_cells.get((c, s), {}).get("fd") if c in walked[s] else None for s in args.steps}
+                for c in args.fm_cfg}
         for s in args.steps:
-            scored = [(train_cells[(c, s)]["fd"], c) for c in args.fm_cfg if "fd" in train_cells.get((c, s), {})]
-            if len(scored) < len(args.fm_cfg):
+            scored = [(train_cells[(c, s)]["fd"], c) for c in walked[s] if "fd" in train_cells.get((c, s), {})]
+            if len(scored) < len(walked[s]):
                 raise SystemExit(f"{run_dir.name}: the CFG pick needs {pick_dir.name} scored on the train split at "
-                                 f"cfg {args.fm_cfg} and {s} steps; run seed {args.seeds[0]} first")
+                                 f"cfg {walked[s]} and {s} steps; run seed {args.seeds[0]} first")
             picks[s] = min(scored)[1]
     wanted = {}
     for s in args.steps:

@@ -295,3 +295,29 @@ def test_a_weightless_record_is_trained_again_and_kept_only_if_it_is_the_same_ru
     record("reused", reused=True)
     out = run_one("reused")
     assert calls == [] and set(out["results"]) == {1} and "no weights" in logs[-1]
+
+
+def test_cfg_sweep_goes_past_3_only_while_the_largest_scale_is_best():
+    """Flow matching's CFG pick: {1, 1.5, 2, 3} at every step count, then 4, 5 one at a time only
+    where the largest scale so far has the lowest FD; the pick stays the minimum of the grid."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import fashion_fewstep as experiment
+
+    best = {1: 4.2, 8: 1.7, 32: 3.4}  # FD = 10 + (cfg - best)^2: minimum at 4, 1.5-2 and 3
+    have, calls = {}, []
+
+    def score(wanted):
+        calls.append({c: sorted(s) for c, s in wanted.items()})
+        for c, steps in wanted.items():
+            for s in steps:
+                have[(c, s)] = {"fd": 10 + (c - best[s]) ** 2}
+
+    walked = experiment.cfg_sweep([1, 1.5, 2, 3, 4, 5], [1, 8, 32], score, lambda: dict(have))
+    assert walked == {1: [1, 1.5, 2, 3, 4, 5], 8: [1, 1.5, 2, 3], 32: [1, 1.5, 2, 3, 4]}
+    assert calls == [{1: [1, 8, 32], 1.5: [1, 8, 32], 2: [1, 8, 32], 3: [1, 8, 32]}, {4: [1, 32]}, {5: [1]}]
+    for s, scales in walked.items():  # the pick over the walked scales is the minimum over all six
+        assert min(scales, key=lambda c: have[(c, s)]["fd"]) == min([1, 1.5, 2, 3, 4, 5], key=lambda c: 10 + (c - best[s]) ** 2)
+    # read only (a later seed uses the first seed's cells): nothing scored, the same walk
+    assert experiment.cfg_sweep([1, 1.5, 2, 3, 4, 5], [1, 8, 32], None, lambda: dict(have)) == walked
+    # a list of two: both, as before
+    assert experiment.cfg_sweep([1, 2], [1], None, lambda: {(1, 1): {"fd": 3.0}, (2, 1): {"fd": 2.0}}) == {1: [1, 2]}
