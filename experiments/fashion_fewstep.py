@@ -27,7 +27,8 @@ the FM and Shortcut groups trained on as many images (3000-step runs against 300
 
 Sampler CFG (--fm-cfg 1,1.5,2,3,...): flow matching is scored on the train split of its first
 seed's run at the first four scales and at each larger one while the largest so far is best
-(cfg_sweep), the scale is picked per step count by FD there, and --split is scored at the picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
+(cfg_sweep), the scale is picked per step count by FD there, and --split is scored at the
+picks, so FM's best is the lowest FD over step counts and CFG without tuning on the split
 it is reported on. Every other objective samples at cfg 1 (one forward per step; a model
 trained with guidance in its target has it in its weights). Each row on the page shows its CFG.
 """
@@ -142,16 +143,17 @@ SAME_START, SAME_CURVE = 1e-5, 1e-2
 
 
 def same_run(recorded, again):
-    """None when two {step: loss} curves are one run trained twice, else why not."""
+    """(why not, None) unless two {step: loss} curves are one run trained twice, then (None,
+    {step: relative difference})."""
     if not recorded or sorted(recorded) != sorted(again):
-        return f"logged steps differ ({len(recorded)} recorded, {len(again)} now)"
+        return f"logged steps differ ({len(recorded)} recorded, {len(again)} now)", None
     rel = {s: abs(again[s] - recorded[s]) / max(abs(recorded[s]), 1e-12) for s in recorded}
     first, worst = min(rel), max(rel, key=rel.get)
     if rel[first] > SAME_START:
-        return f"first logged loss (step {first}) {recorded[first]} recorded, {again[first]} now"
+        return f"first logged loss (step {first}) {recorded[first]} recorded, {again[first]} now", None
     if rel[worst] > SAME_CURVE:
-        return f"logged loss at step {worst} {recorded[worst]} recorded, {again[worst]} now"
-    return None
+        return f"logged loss at step {worst} {recorded[worst]} recorded, {again[worst]} now", None
+    return None, rel
 
 
 def reproduce(run_dir, config, overrides, log, check=True):
@@ -164,7 +166,7 @@ def reproduce(run_dir, config, overrides, log, check=True):
     log(f"{run_dir.name}: the record has no weights; training its configuration again in {scratch}")
     flowpre("train", "--config", config, *overrides, f"run.dir={scratch}", log=log)
     recorded, again = losses(run_dir / "metrics.jsonl"), losses(scratch / "metrics.jsonl")
-    why = same_run(recorded, again)
+    why, rel = same_run(recorded, again)
     if why:
         message = (f"{run_dir.name}: the run trained again in {scratch} is not the recorded run ({why}), so its "
                    f"weights cannot score cells beside the record's. They stay in {scratch}: give that run its "
@@ -172,14 +174,13 @@ def reproduce(run_dir, config, overrides, log, check=True):
         if not check:
             return log(message)
         raise SystemExit(message)
-    rel = max(abs(again[s] - recorded[s]) / abs(recorded[s]) for s in recorded)
     (run_dir / "reproduced.json").write_text(json.dumps(
-        {"losses_compared": len(recorded), "max_relative_loss_difference": rel, "first_window_difference":
-         abs(again[min(recorded)] - recorded[min(recorded)]) / abs(recorded[min(recorded)])}, indent=2) + "\n")
+        {"losses_compared": len(rel), "max_relative_loss_difference": max(rel.values()),
+         "first_window_difference": rel[min(rel)]}, indent=2) + "\n")
     os.replace(scratch / "model.safetensors", run_dir / "model.safetensors")
     shutil.rmtree(scratch)
-    log(f"{run_dir.name}: reproduced ({len(recorded)} logged losses, at most {rel:.1e} apart); its weights "
-        f"join the record")
+    log(f"{run_dir.name}: reproduced ({len(rel)} logged losses, at most {max(rel.values()):.1e} apart); its "
+        f"weights join the record")
 
 
 def cfg_sweep(scales, steps, score, scored, first=4):

@@ -20,8 +20,9 @@ Reuse: `test` copies the committed round-1 records of today's best (meanflow_fd_
 seeds 0 and 1; identical configuration) into the runs folder once, marked reused.json. Older
 code trained them and their weights were not committed, so cells they lack (FID) stay empty.
 The tuning's seed-0 records (fm_3k, the pick) lack weights too, and the test split needs them:
-each is trained again, and its weights join the record only if every logged loss equals the
-record's (fashion_fewstep.reproduce). `--train-only` runs every training first (the part a
+each is trained again, and its weights join the record only if its loss curve is the record's
+up to float32 rounding (fashion_fewstep.same_run: first logged loss within 1e-5, all within
+1e-2). `--train-only` runs every training first (the part a
 lost session cannot carry over), scoring comes in the next call.
 
 Choices (the issue is silent):
