@@ -200,7 +200,9 @@ def main(argv=None):
         args.func(args)
     except (ConfigError, FileNotFoundError, DamagedCheckpoint, NonFiniteError, WeightsError, PipelineError,
             RunFolderError, CheckpointWriteError) as e:
-        print(f"flowpre {args.command}: error: {e}", file=sys.stderr)
+        # one write: under PYTHONUNBUFFERED (SLURM scripts set it) print() writes the text and its
+        # newline apart, and the ranks sharing one stderr ran their error lines together
+        sys.stderr.write(f"flowpre {args.command}: error: {e}\n")
         sys.exit(2)
 
 

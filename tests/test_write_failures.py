@@ -2,7 +2,6 @@
 stops the run with one line naming the file and the free space, removes its half-written folder and
 leaves the previous checkpoint loadable; an export that fails leaves the previous file as it was."""
 import errno
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from flowpre import weights as weights_layer
 from flowpre.data.shards import write_shards
 from flowpre.export import export
 
-from helpers import TINY, env, flowpre, train, weights, write_empty_config
+from helpers import TINY, env, free_port, train, weights, write_empty_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,7 +65,7 @@ def test_checkpoint_write_failure_keeps_previous_and_export_is_atomic(tmp_path, 
 def test_checkpoint_write_failure_on_one_rank_stops_both(tmp_path, digits):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(29500 + os.getpid() % 100), "-m", "flowpre.cli", "train", "--config", str(write_empty_config(run)),
+           str(free_port()), "-m", "flowpre.cli", "train", "--config", str(write_empty_config(run)),
            f"run.dir={run}", f"data.shards={digits}", *TINY, "train.max_steps=4", "train.checkpoint_every=2"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                        env=env(FLOWPRE_FAULT_WRITE_FAIL_AT_CHECKPOINT="4:1"))
@@ -75,6 +74,29 @@ def test_checkpoint_write_failure_on_one_rank_stops_both(tmp_path, digits):
     assert len(errors) == 2 and all("flowpre_rank00001.pt" in l for l in errors), r.stderr[-4000:]
     assert (run / "checkpoints" / "step000000002" / "meta.json").is_file()
     assert not (run / "checkpoints" / "step000000004").exists() and leftovers(run) == []
+
+
+def test_an_error_is_one_write_so_ranks_do_not_merge_their_lines(tmp_path, monkeypatch):
+    """Both ranks of the test above print their error to one stderr. Under PYTHONUNBUFFERED (the
+    tests' and many SLURM scripts' setting) print() wrote the text and its newline apart, and one
+    loaded run joined the two ranks' lines into one: each error must be a single write."""
+    from flowpre import cli
+
+    class Recorder:
+        writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--config", str(tmp_path / "missing.yaml")])
+    errors = [w for w in Recorder.writes if "flowpre train: error:" in w]
+    assert len(errors) == 1 and errors[0].endswith("\n") and "missing.yaml" in errors[0], Recorder.writes
 
 
 def _can_mount_tmpfs(where):

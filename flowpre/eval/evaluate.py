@@ -363,7 +363,7 @@ def main(argv=None):
     try:
         run(args)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"flowpre eval: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"flowpre eval: error: {e}\n")  # one write, as flowpre.cli (ranks share stderr)
         sys.exit(2)
 
 
