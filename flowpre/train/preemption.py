@@ -30,8 +30,9 @@ class Preemption:
     def _handle(self, signum, frame):
         if self.signal is None:
             self.signal = signal.Signals(signum).name
-            print(f"flowpre: rank {self.rank} got {self.signal}: finishing this step, then checkpointing",
-                  file=sys.stderr, flush=True)
+            # one write, so that ranks signalled together keep their lines apart (as flowpre.cli)
+            sys.stderr.write(f"flowpre: rank {self.rank} got {self.signal}: finishing this step, then checkpointing\n")
+            sys.stderr.flush()
 
     @property
     def requested(self):
