@@ -63,8 +63,11 @@ def pytest_collection_finish(session):
     if code and first_worker and not session.config.option.collectonly:
         from helpers import env
 
-        subprocess.Popen([sys.executable, "-c", code[0]], env=env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+        # started by a short-lived launcher, so the build is not this process's child: reaped by
+        # the next Popen of whichever test, its CPU (about 190 s) showed in the probe as that test's
+        launcher = ("import subprocess, sys; subprocess.Popen([sys.executable, '-c', sys.argv[1]], "
+                    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)")
+        subprocess.run([sys.executable, "-c", launcher, code[0]], env=env(), check=True)
 
 
 def stale_kernel_ops():
