@@ -22,8 +22,8 @@ code trained them and their weights were not committed, so cells they lack (FID)
 The tuning's seed-0 records (fm_3k, the pick) lack weights too, and the test split needs them:
 each is trained again, and its weights join the record only if its loss curve is the record's
 up to float32 rounding (fashion_fewstep.same_run: first logged loss within 1e-5, all within
-1e-2). `--train-only` runs every training first (the part a
-lost session cannot carry over), scoring comes in the next call.
+1e-2). `--train-only` runs every training first (the part a lost session cannot carry over),
+scoring comes in the next call.
 
 Choices (the issue is silent):
 - MeanFlow's CFG target with kappa = 0 (omega = w), as in MeanFlow's own guidance-scale

@@ -27,11 +27,13 @@ def test_this_process_calls_live_registrations():
     assert stale_kernel_ops() == []
     # a module named `kernels` from elsewhere (Hugging Face's package, which transformers probes
     # for) is no copy of ours; one from this repo would be. Under pytest-xdist a worker can run
-    # this file after tests that imported transformers, and one loaded run did (5 runs, run 4)
-    copies = {name: where for name, module in list(sys.modules.items())
-              if name == "kernels" or name.startswith("kernels.")
-              for where in [[getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]]
-              if any(str(w).startswith(ROOT) for w in where if w)}
+    # this file after tests that imported transformers, and one loaded run did (run 4 of 4)
+    copies = {}
+    for name, module in list(sys.modules.items()):
+        if name == "kernels" or name.startswith("kernels."):
+            where = [getattr(module, "__file__", None) or "", *getattr(module, "__path__", [])]
+            if any(str(w).startswith(ROOT) for w in where if w):
+                copies[name] = where
     assert copies == {}, copies
 
 

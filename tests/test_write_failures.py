@@ -83,7 +83,8 @@ def test_an_error_is_one_write_so_ranks_do_not_merge_their_lines(tmp_path, monke
     from flowpre import cli
 
     class Recorder:
-        writes = []
+        def __init__(self):
+            self.writes = []
 
         def write(self, text):
             self.writes.append(text)
@@ -92,11 +93,12 @@ def test_an_error_is_one_write_so_ranks_do_not_merge_their_lines(tmp_path, monke
         def flush(self):
             pass
 
-    monkeypatch.setattr(sys, "stderr", Recorder())
+    stderr = Recorder()
+    monkeypatch.setattr(sys, "stderr", stderr)
     with pytest.raises(SystemExit):
         cli.main(["train", "--config", str(tmp_path / "missing.yaml")])
-    errors = [w for w in Recorder.writes if "flowpre train: error:" in w]
-    assert len(errors) == 1 and errors[0].endswith("\n") and "missing.yaml" in errors[0], Recorder.writes
+    errors = [w for w in stderr.writes if "flowpre train: error:" in w]
+    assert len(errors) == 1 and errors[0].endswith("\n") and "missing.yaml" in errors[0], stderr.writes
 
 
 def _can_mount_tmpfs(where):
