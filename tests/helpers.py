@@ -7,8 +7,6 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-import cli_server
-
 # tests launch ranks on free ports: fixed ones collide when two suites (or a suite and an
 # experiment's launch) share a machine, EADDRINUSE in a random test
 from flowpre.train.distributed import free_port  # noqa: F401 - re-exported for the tests
@@ -33,12 +31,8 @@ def env(**extra):
 
 
 def flowpre(*args, timeout=600, extra_env=None, check=True):
-    cmd, run_env = [sys.executable, "-m", "flowpre.cli", *args], env(**(extra_env or {}))
-    # FLOWPRE_TEST_FORK=1: forked from a preloaded interpreter where the environment allows (cli_server.py)
-    forked = cli_server.server(env())
-    r = forked.run(cmd, run_env, timeout) if forked else None
-    if r is None:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=run_env)
+    r = subprocess.run([sys.executable, "-m", "flowpre.cli", *args], capture_output=True, text=True,
+                       timeout=timeout, env=env(**(extra_env or {})))
     if check and r.returncode != 0:
         raise AssertionError(f"flowpre {' '.join(args)} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}")
     return r
