@@ -42,8 +42,8 @@ def test_guided_target_in_closed_form(name, w, k):
     want = v_tilde - col(tt - r) * net.dudt(z, tt, r, v_tilde)
     tol = 1e-6 if name == "meanflow" else 1e-5
     torch.testing.assert_close(t.target[jump], want[jump], atol=tol, rtol=tol)
-    n_jump, B = int(jump.sum()), len(tt)
-    extra = (B * (1 + (k > 0)) if w != 1 else 0) + 2 * n_jump
+    n_jump, n_kept = int(jump.sum()), int(kept.sum())
+    extra = (n_kept * (1 + (k > 0)) if w != 1 else 0) + 2 * n_jump  # no guided forward for a dropped label
     assert float(t.info["extra_forward_images"]) == extra
 
 
@@ -205,8 +205,32 @@ def test_predicted_direction_in_closed_form(name, guidance):
     torch.testing.assert_close(t.target[jump], want[jump], atol=tol, rtol=tol)
     wrong = v_t - col(tt - r) * net.dudt(z, tt, r, v_t)  # the v direction differs here
     assert (wrong - want)[jump].abs().max() > 1e-2
-    n_jump, B = int(jump.sum()), len(tt)
-    assert float(t.info["extra_forward_images"]) == 3 * n_jump + (B if guidance != 1 else 0)
+    n_jump, n_kept = int(jump.sum()), int(kept.sum())
+    assert float(t.info["extra_forward_images"]) == 3 * n_jump + (n_kept if guidance != 1 else 0)
+
+
+@pytest.mark.parametrize("name", ["meanflow", "meanflow_fd"])
+def test_predicted_direction_with_kappa_reads_each_dropped_jumps_null_velocity(name):
+    """kappa > 0: the predicted direction reuses u_c (kept) and u(. | null) (dropped, its own
+    velocity), so the null forward covers the dropped jumps too, and nothing else is added."""
+    w, k = 3.0, 0.5
+    net = PolyNet()
+    b = batch(B=400)
+    t = objective(name, cond_drop_prob=0.2, fd_delta=1e-3, fd_direction="predicted", guidance_scale=w,
+                  guidance_mix=k)(b, Nets(student=net, ema_fast=net, null_cond=NULL), torch.Generator().manual_seed(0))
+    tt, r, eps, v = recover(t, b["x"])
+    z, jump, kept = t.x, t.group == SC, t.cond != NULL
+    assert (jump & ~kept).any()
+    omega = w * (1 - k)
+    u_c = net(z, tt, b["cond"], sigma_end=tt)
+    u_u = net(z, tt, torch.full_like(t.cond, NULL), sigma_end=tt)
+    v_t = torch.where(col(kept), omega * v + k * u_c + (1 - omega - k) * u_u, v)
+    tangent = torch.where(col(kept), (omega + k) * u_c + (1 - omega - k) * u_u, u_u)
+    want = v_t - col(tt - r) * net.dudt(z, tt, r, tangent)
+    tol = 1e-6 if name == "meanflow" else 1e-5
+    torch.testing.assert_close(t.target[jump], want[jump], atol=tol, rtol=tol)
+    n_jump, n_kept, n_dropped_jumps = int(jump.sum()), int(kept.sum()), int((jump & ~kept).sum())
+    assert float(t.info["extra_forward_images"]) == 2 * n_jump + 2 * n_kept + n_dropped_jumps
 
 
 def test_predicted_direction_stencil_converges_to_its_jvp_on_a_dit():

@@ -39,8 +39,8 @@ Choices where METHOD.md is silent (each a config key or stated here):
   (the unconditional field is what the null class learns). Its fixed point is the average
   velocity of the guided field u_null + w' (u_c - u_null), so w' is directly comparable with
   a sampler CFG scale (and with scfm's guidance_scale). du/dt is then taken along v~ (the
-  guided field's own direction). Cost: one no-grad forward per sample for u(. | null), one
-  more when kappa > 0. Not done: MeanFlow's guidance interval (guidance only for t in a range).
+  guided field's own direction). Cost: one no-grad forward per kept-label sample for
+  u(. | null), one more when kappa > 0 (a dropped label's target is v, so it needs neither). Not done: MeanFlow's guidance interval (guidance only for t in a range).
 - fd_direction: `v` takes du/dt along the sample's velocity (eps - x, or v~ when guided);
   `predicted` along the student's own no-grad instantaneous velocity u(z_t, t, t | c) (guided
   like v~ when guided), as iMF does. One more forward on the jump share, counted.
@@ -114,6 +114,15 @@ class MeanFlow:
         """The student's own u(z, t, t | cond), no gradient, in the dtype of z."""
         return student(z, t, cond, sigma_end=t).to(z.dtype)
 
+    def instantaneous_rows(self, student, z, t, cond, rows, like):
+        """u(z, t, t | cond) on the rows where `rows` is true, NaN elsewhere (so a row that is read
+        but was never computed poisons the loss rather than training on zeros)."""
+        out = torch.full_like(like, float("nan"))
+        idx = rows.nonzero().flatten()
+        if idx.numel():
+            out[idx] = self.instantaneous(student, z[idx], t[idx], cond[idx]).to(like.dtype)
+        return out
+
     @torch.no_grad()
     def time_derivative(self, nets, z, t, r, v, cond):
         """du/dt along the tangent (v, dt = 1, dr = 0) at (z_t, t -> r), (n, C, H, W), without gradient."""
@@ -152,11 +161,16 @@ class MeanFlow:
         u_cond = u_uncond = kept = None
         if self.guided:
             kept = (dropped == cond).flatten(1).all(1) if cond.ndim > 1 else dropped == cond
-            u_uncond = self.instantaneous(student, z, t, null_like(cond, nets.null_cond)).to(v.dtype)
-            forwards += B
+            # a dropped label learns the plain velocity, so its guided forwards would be thrown away;
+            # only the predicted direction with kappa > 0 reads a dropped jump's u(. | null), its own
+            rows = kept.clone()
+            if self.cfg.guidance_mix and self.cfg.fd_direction == "predicted":
+                rows[j] = True
+            u_uncond = self.instantaneous_rows(student, z, t, null_like(cond, nets.null_cond), rows, v)
+            forwards += int(rows.sum())
             if self.cfg.guidance_mix:
-                u_cond = self.instantaneous(student, z, t, cond).to(v.dtype)
-                forwards += B
+                u_cond = self.instantaneous_rows(student, z, t, cond, kept, v)
+                forwards += int(kept.sum())
             v = self.guide(v, u_cond, u_uncond, kept)
         target = v.clone()
         group = torch.full((B,), FM, device=device, dtype=torch.long)
