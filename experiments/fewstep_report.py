@@ -69,7 +69,7 @@ def aggregate(runs):
              "flops_per_image": statistics.fmean(r["train"]["train_pflops"] * 1e15 / r["train"]["trained_images"]
                                                  for r in members),
              "train": members[0]["train"]}
-        for metric in ("fd", "fid", "class_accuracy"):
+        for metric in ("fd", "fid", "class_accuracy", "recall"):
             g[metric] = {s: stats([r["results"].get(s, r["results"].get(str(s), {})).get(metric) for r in members])
                          for s in steps}
         ratios = {k: [] for k in YARDSTICK_STEPS}
@@ -191,6 +191,13 @@ def write_markdown(path, summary):
               "| objective | " + " | ".join(map(str, steps)) + " |", "|---|" + "---:|" * len(steps)]
     for g in groups:
         lines.append(f"| {g['name']} | " + " | ".join(cell(g["class_accuracy"].get(s), 3) for s in steps) + " |")
+    # guidance (in the sampler or the target) buys FD and class accuracy with diversity: recall shows the price
+    if any(g["recall"].get(s) for g in groups for s in steps):
+        lines += ["", f"## Recall (k-NN, classifier features: the share of {summary['split']} images inside the "
+                      "samples' k-NN balls)", "",
+                  "| objective | " + " | ".join(map(str, steps)) + " |", "|---|" + "---:|" * len(steps)]
+        for g in groups:
+            lines.append(f"| {g['name']} | " + " | ".join(cell(g["recall"].get(s), 3) for s in steps) + " |")
     fm_flops = {g["trained_images"]: g["flops_per_image"] for g in groups if g["objective"] == "fm"}
     lines += ["", "## Training compute (seed means)", "",
               "| objective | model | params | images | objective overhead | GFLOP per image | x FM | img/s | "

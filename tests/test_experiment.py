@@ -105,7 +105,7 @@ def test_round2_report_cfg_picks_goals_and_trend(tmp_path):
 
     def run(group, objective, seed, fd, images=100, cfg=None, guidance=1.0):
         return {"name": f"{group}_s{seed}", "group": group, "seed": seed, "objective": objective,
-                "results": {s: {"fd": v, "class_accuracy": 0.5} for s, v in fd.items()},
+                "results": {s: {"fd": v, "class_accuracy": 0.5, "recall": v / 1000} for s, v in fd.items()},
                 "eval": {"num_samples": 8, "fid_samples": None, "fid_reference_count": None,
                          "cfg": cfg or {s: 1.0 for s in fd}, "target_guidance": guidance},
                 "eval_wall_s": 1.0, "train": {"trained_images": images, "train_pflops": 3e-13 * images / 100,
@@ -134,6 +134,8 @@ def test_round2_report_cfg_picks_goals_and_trend(tmp_path):
     assert "| fm_3k | 1 | 3/2/1.5 | 150.0 |" in md and "| mf_3k | 1 | 1 (w 2 in target) | 42.0 |" in md
     assert "- MISSED: mf_3k: 1-step FD <= 1.2 x FM's best FD (measured 1.400x, by 0.200)" in md
     assert "| mf | 1.40 | 1.03 | 1.30 | 1.04 |" in md  # the yardstick at 100 and at 400 images
+    recall = md[md.index("## Recall"):]
+    assert "share of test images" in recall and "| mf_3k | 0.042 | 0.031 | 0.031 |" in recall
     assert report.plot_trend(tmp_path / "trend.png", summary) and (tmp_path / "trend.png").stat().st_size > 10_000
     assert not report.plot_trend(tmp_path / "none.png", {**summary, "groups": groups[:2]})
 
