@@ -217,6 +217,8 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
     if args.fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     record, weights = run_dir / "experiment_train.json", run_dir / "model.safetensors"
+    if not record.exists() and args.read_only:
+        raise SystemExit(f"{run_dir.name}: no training record in {run_dir.parent} (--read-only trains nothing)")
     if not record.exists():
         wall = flowpre("train", "--config", config, *overrides, log=log)
         record.write_text(json.dumps({"wall_s": wall, "overrides": overrides}, indent=2))
@@ -243,6 +245,9 @@ def run_one(name, objective, overrides, args, scale, log, seed=0):
                 if not weights.exists() and (run_dir / REUSED).exists():  # another experiment's record, as is
                     log(f"{run_dir.name}: no weights, cannot score cfg {c:g} at steps {todo} on {split}; skipped")
                     continue
+                if args.read_only:  # a page from the records as they are: a missing cell would cost a training
+                    raise SystemExit(f"{run_dir.name}: no {tag.replace('_', ' and ')} cell on {split} at cfg {c:g} "
+                                     f"and steps {todo} (--read-only scores nothing)")
                 if not weights.exists():  # a committed record without its weights
                     reproduce(run_dir, config, overrides, log)
                 out = run_dir / f"eval_{split}{'' if c == 1 else f'_cfg{c:g}'}_{tag}_{'-'.join(map(str, todo))}.json"
@@ -316,6 +321,8 @@ def main(argv=None):
     p.add_argument("--fresh", action="store_true", help="retrain and re-evaluate even where results exist")
     p.add_argument("--train-only", action="store_true", help="train every run (a record without its weights: "
                    "trained again and checked to be that run) and stop; score and write the page in a later call")
+    p.add_argument("--read-only", action="store_true", help="write the page from the runs folder as it is: "
+                   "stop, naming the run and cells, where a training or a score is missing (nothing is run)")
     p.add_argument("--notes", default=None, help="a markdown file appended to the page (the reading of the numbers)")
     args = p.parse_args(argv)
     from flowpre.arguments import parse_steps
@@ -326,7 +333,7 @@ def main(argv=None):
     args.fm_cfg = parse_scales(args.fm_cfg)
     os.chdir(ROOT)
     log = lambda msg: print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)  # noqa: E731
-    if not (Path(args.data) / "dataset.json").exists():
+    if not (Path(args.data) / "dataset.json").exists() and not args.read_only:
         flowpre("shards", "--source", "fashion-mnist", "--out", args.data, log=log)
     scale = SCALES[args.scale]
     jobs = [(o, o, [], True) for o in args.objectives.split(",") if o] + args.jobs

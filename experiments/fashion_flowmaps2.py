@@ -5,6 +5,7 @@
     python experiments/fashion_flowmaps2.py test --pick pick=meanflow_fd:...   # test split, seeds 0,1,2
     python experiments/fashion_flowmaps2.py trend --pick pick=meanflow_fd:...  # fm and the pick at 12000 steps
     python experiments/fashion_flowmaps2.py test --dry-run   # print the fashion_fewstep.py command only
+    python experiments/fashion_flowmaps2.py test --pick ... --read-only   # the page from the records; runs nothing
 
 Every stage is a call of experiments/fashion_fewstep.py with the variants below, so everything
 it does holds here: each run's stages leave files in its folder under

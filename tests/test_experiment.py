@@ -228,7 +228,8 @@ def test_train_flops_of_a_curriculum_run(tmp_path):
 def test_a_weightless_record_is_trained_again_and_kept_only_if_it_is_the_same_run(tmp_path, monkeypatch):
     """Records keep cells, not weights. A cell the record lacks needs its weights: run_one trains the
     configuration again in a scratch folder and adopts the weights only when the loss curve is the
-    recorded one up to float32 rounding; another run stops with the step, the record untouched."""
+    recorded one up to float32 rounding; another run stops with the step, the record untouched.
+    With --read-only nothing is trained or scored: a missing cell or training stops, named."""
     import argparse
 
     sys.path.insert(0, str(ROOT / "experiments"))
@@ -264,12 +265,21 @@ def test_a_weightless_record_is_trained_again_and_kept_only_if_it_is_the_same_ru
             (run / experiment.REUSED).write_text("{}")
         return run
 
-    def run_one(name, train_only=False):
+    def run_one(name, train_only=False, read_only=False, steps=(1, 2)):
         args = argparse.Namespace(runs=str(tmp_path / "runs"), data="d", fresh=False, train_only=train_only, seed=0,
-                                  fid_steps=[], steps=[1, 2], fm_cfg=[1.0], seeds=[0], split="test")
+                                  fid_steps=[], steps=list(steps), fm_cfg=[1.0], seeds=[0], split="test",
+                                  read_only=read_only)
         return experiment.run_one(name, "fm", [], args, experiment.SCALES["smoke"], lambda m: logs.append(m))
 
     logs = []
+    # --read-only: a page from the records as they are; a missing cell or training stops, naming it
+    record("as_is")
+    assert run_one("as_is", read_only=True, steps=[1])["results"][1]["fd"] == 7.0
+    with pytest.raises(SystemExit, match=r"as_is: no fd cell on test at cfg 1 and steps \[2\] \(--read-only"):
+        run_one("as_is", read_only=True)
+    with pytest.raises(SystemExit, match=r"never_trained: no training record"):
+        run_one("never_trained", read_only=True)
+    assert calls == []
     # the same run: the first window equal to 1e-7, later ones drifted by 1e-3
     drift.update({50: 1e-7, 100: 1e-3, 150: -2e-3})
     run = record("same")
