@@ -40,7 +40,8 @@ Choices where METHOD.md is silent (each a config key or stated here):
   velocity of the guided field u_null + w' (u_c - u_null), so w' is directly comparable with
   a sampler CFG scale (and with scfm's guidance_scale). du/dt is then taken along v~ (the
   guided field's own direction). Cost: one no-grad forward per kept-label sample for
-  u(. | null), one more when kappa > 0 (a dropped label's target is v, so it needs neither). Not done: MeanFlow's guidance interval (guidance only for t in a range).
+  u(. | null), one more when kappa > 0 (a dropped label's target is v, so it needs neither).
+  Not done: MeanFlow's guidance interval (guidance only for t in a range).
 - fd_direction: `v` takes du/dt along the sample's velocity (eps - x, or v~ when guided);
   `predicted` along the student's own no-grad instantaneous velocity u(z_t, t, t | c) (guided
   like v~ when guided), as iMF does. One more forward on the jump share, counted.
@@ -115,13 +116,14 @@ class MeanFlow:
         return student(z, t, cond, sigma_end=t).to(z.dtype)
 
     def instantaneous_rows(self, student, z, t, cond, rows, like):
-        """u(z, t, t | cond) on the rows where `rows` is true, NaN elsewhere (so a row that is read
-        but was never computed poisons the loss rather than training on zeros)."""
+        """(u(z, t, t | cond) on the rows where `rows` is true, NaN elsewhere, the number of rows):
+        a row read but never computed poisons the loss rather than training on zeros. The count
+        comes from the index the forward needs anyway, so counting costs no second host sync."""
         out = torch.full_like(like, float("nan"))
         idx = rows.nonzero().flatten()
         if idx.numel():
             out[idx] = self.instantaneous(student, z[idx], t[idx], cond[idx]).to(like.dtype)
-        return out
+        return out, idx.numel()
 
     @torch.no_grad()
     def time_derivative(self, nets, z, t, r, v, cond):
@@ -166,11 +168,11 @@ class MeanFlow:
             rows = kept.clone()
             if self.cfg.guidance_mix and self.cfg.fd_direction == "predicted":
                 rows[j] = True
-            u_uncond = self.instantaneous_rows(student, z, t, null_like(cond, nets.null_cond), rows, v)
-            forwards += int(rows.sum())
+            u_uncond, n = self.instantaneous_rows(student, z, t, null_like(cond, nets.null_cond), rows, v)
+            forwards += n
             if self.cfg.guidance_mix:
-                u_cond = self.instantaneous_rows(student, z, t, cond, kept, v)
-                forwards += int(kept.sum())
+                u_cond, n = self.instantaneous_rows(student, z, t, cond, kept, v)
+                forwards += n
             v = self.guide(v, u_cond, u_uncond, kept)
         target = v.clone()
         group = torch.full((B,), FM, device=device, dtype=torch.long)
